@@ -1,0 +1,134 @@
+"""The command line: the original's single-dash flags, a TOML file, and the ``demo`` subcommand.
+
+argparse is not used because the original's flags are Go ``flag`` style (``-local-port 8443``,
+``-local-port=8443``), which argparse would split into short options.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from handyproxy import __version__, config
+
+EXIT_USAGE = 2
+
+_HELP = {
+    "local-port": "port to listen on (0: the kernel picks)",
+    "listen-address": "IP address to listen on (default: all, IPv4 and IPv6)",
+    "upstream-proxy": "upstream HTTP proxy, host[:port] or [v6]:port (port 3128 if missing)",
+    "dial-timeout": "bound on reaching the upstream and reading its CONNECT reply",
+    "sniff-timeout": "hostname sniffing: -1 off, 0 means 1s, else a duration",
+    "sniff-max-bytes": "bytes to read while sniffing for TLS SNI or HTTP Host",
+    "sniff-ports": "comma-separated original ports to sniff (default: all)",
+    "idle-timeout": "end tunnels idle this long in both directions (0: never)",
+    "half-close-timeout": "end tunnels this long after one direction ended (0: never)",
+    "max-connections": "tunnels open at once (0: no cap)",
+    "max-client-connections": "tunnels open at once per client address (0: no cap)",
+    "drain-timeout": "on SIGTERM, time open tunnels get before they are reset",
+    "workers": "processes sharing the port (SO_REUSEPORT)",
+    "log-format": "text or json",
+    "log-level": "debug, info, warning or error",
+}
+
+
+class UsageError(Exception):
+    """A flag or config value is wrong; the message is the one line the user sees."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
+
+
+def usage() -> str:
+    defaults = config.Config()
+    lines = [
+        f"usage: handyproxy [flags]       (handyproxy {__version__})",
+        "       handyproxy demo [--keep]  build a namespace lab and show traffic flowing (root)",
+        "",
+        "Flags take one or two dashes, '-flag value' or '-flag=value':",
+    ]
+    for name in config.option_names():
+        value = getattr(defaults, name.replace("-", "_"))
+        if isinstance(value, float):
+            value = config.format_duration(value) if name != "sniff-timeout" else "-1"
+        lines.append(f"  -{name:<24} {_HELP[name]} (default {value!r})")
+    lines.append(f"  -{'config FILE':<24} TOML file with the settings above; flags win")
+    lines.append(f"  -{'version':<24} print the version and exit")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> config.Config:
+    """Turn argv into a validated Config; raise UsageError naming the flag or key at fault."""
+    known = set(config.option_names())
+    given: dict[str, Any] = {}
+    config_path: str | None = None
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("-") or arg in ("-", "--"):
+            raise UsageError(arg, "unexpected argument (flags start with '-')")
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in ("h", "help"):
+            raise UsageError("-help", "requested")
+        if name == "version":
+            raise _VersionRequested
+        if name != "config" and name not in known:
+            raise UsageError(f"-{name}", "unknown flag (see -help)")
+        if not eq:
+            if not args:
+                raise UsageError(f"-{name}", "missing value")
+            value = args.pop(0)
+        if name == "config":
+            config_path = value
+            continue
+        try:
+            given[name] = config.convert(name, value)
+        except ValueError as exc:
+            raise UsageError(f"-{name}", str(exc)) from None
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            values.update(config.load_toml(config_path))
+        except config.ConfigError as exc:
+            raise UsageError(f"{config_path}: {exc.field}", exc.reason) from None
+    values.update(given)
+    try:
+        return config.build(values)
+    except config.ConfigError as exc:
+        where = (
+            f"-{exc.field}"
+            if exc.field in given or config_path is None
+            else (f"{config_path}: {exc.field}")
+        )
+        raise UsageError(where, exc.reason) from None
+
+
+class _VersionRequested(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "demo":
+        from handyproxy import demo
+
+        return demo.main(args[1:])
+    try:
+        cfg = parse_args(args)
+    except _VersionRequested:
+        print(f"handyproxy {__version__}")
+        return 0
+    except UsageError as exc:
+        if exc.reason == "requested":
+            print(usage())
+            return 0
+        print(f"handyproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from handyproxy import log, server
+
+    log.setup(cfg.log_format, cfg.log_level)
+    return server.run(cfg)

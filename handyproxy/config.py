@@ -1,0 +1,326 @@
+"""Every setting of the forwarder, its default and its validation, in one place.
+
+The command line and the TOML file both end up here, so the rules for a value are written once.
+Building a Config has no side effects; ``validate()`` is what can fail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_UPSTREAM_PORT = 3128
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_MAX_DURATION = 2**63 / 1e9  # Go's time.Duration is int64 nanoseconds.
+
+
+class ConfigError(ValueError):
+    """A setting has a value the forwarder cannot run with; names the setting and why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``500ms``, ``3m``, ``1m30s``, ``-1s``) into seconds.
+
+    The original's flags are Go ``time.Duration`` values, so operators' unit files and scripts
+    already hold strings in this syntax; accepting exactly it keeps them working unchanged.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration string, got {type(text).__name__}")
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    sign = 1.0
+    if s[0] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    if not s:
+        raise ValueError(f"invalid duration {text!r}")
+    total = 0.0
+    pos = 0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            if s[pos:].replace(".", "", 1).isdigit():
+                raise ValueError(f"missing unit in duration {text!r} (use e.g. 30s, 3m, 500ms)")
+            raise ValueError(f"invalid duration {text!r} (use e.g. 30s, 3m, 1m30s, 500ms)")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if total > _MAX_DURATION:
+        raise ValueError(f"duration {text!r} is out of range")
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way Go prints short durations, for logs and ``-help``."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    out = ""
+    if hours:
+        out += f"{hours}h"
+    if hours or minutes:
+        out += f"{minutes}m"
+    return out + f"{secs:g}s"
+
+
+def parse_sniff_timeout(value: str | int | float) -> float:
+    """The original's ``-sniff-timeout`` also takes a bare number of seconds (``-1`` = off)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif re.fullmatch(r"[+-]?\d+", value.strip()):
+        seconds = float(value.strip())
+    else:
+        return parse_duration(value)
+    if not math.isfinite(seconds) or abs(seconds) > _MAX_DURATION:
+        raise ValueError(f"duration {value!r} is out of range")
+    return seconds
+
+
+def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port``, ``host`` or a bare IPv6 literal.
+
+    A missing port takes ``default_port``; raises ValueError naming what is wrong.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty address")
+    port_text: str | None
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"unclosed '[' in {text!r}")
+        host, rest = s[1:end], s[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected {rest!r} after ']' in {text!r}")
+        port_text = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+    elif s.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(s)
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: put an IPv6 address in brackets, e.g. [2001:db8::1]:3128"
+            ) from None
+        host, port_text = s, None
+    elif ":" in s:
+        host, port_text = s.split(":", 1)
+    else:
+        host, port_text = s, None
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    if not _valid_host(host):
+        raise ValueError(f"invalid host name {host!r}")
+    if port_text is None or port_text == "":
+        if default_port is None or port_text == "":
+            raise ValueError(f"missing port in {text!r}")
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return False
+    return all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _duration_field(default: float) -> Any:
+    return field(default=default, metadata={"kind": "duration"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The forwarder's settings; field names are the flag names with underscores."""
+
+    local_port: int = 8443
+    listen_address: str = ""
+    upstream_proxy: str = f"localhost:{DEFAULT_UPSTREAM_PORT}"
+    dial_timeout: float = _duration_field(180.0)
+    sniff_timeout: float = field(default=-1.0, metadata={"kind": "sniff_timeout"})
+    sniff_max_bytes: int = 8192
+    sniff_ports: tuple[int, ...] = ()
+    idle_timeout: float = _duration_field(0.0)
+    half_close_timeout: float = _duration_field(60.0)
+    max_connections: int = 0
+    max_client_connections: int = 0
+    drain_timeout: float = _duration_field(30.0)
+    workers: int = 1
+    log_format: str = "text"
+    log_level: str = "info"
+
+    @property
+    def sniffing(self) -> bool:
+        return self.sniff_timeout >= 0
+
+    @property
+    def effective_sniff_timeout(self) -> float:
+        """The original treats 0 as "the default of one second", not "no wait"."""
+        return 1.0 if self.sniff_timeout == 0 else self.sniff_timeout
+
+    @property
+    def upstream(self) -> tuple[str, int]:
+        return split_hostport(self.upstream_proxy, DEFAULT_UPSTREAM_PORT)
+
+    def validate(self) -> Config:
+        """Raise ConfigError for the first setting that cannot work; return self otherwise."""
+        _check_int("local-port", self.local_port, 0, 65535)
+        if self.listen_address:
+            try:
+                ipaddress.ip_address(self.listen_address)
+            except ValueError:
+                raise ConfigError(
+                    "listen-address", f"{self.listen_address!r} is not an IP address"
+                ) from None
+        try:
+            self.upstream  # noqa: B018 - parsing is the check
+        except ValueError as exc:
+            raise ConfigError("upstream-proxy", str(exc)) from None
+        _check_seconds("dial-timeout", self.dial_timeout, positive=True)
+        _check_seconds("sniff-timeout", self.sniff_timeout, allow_negative=True)
+        _check_int("sniff-max-bytes", self.sniff_max_bytes, 1, 1 << 20)
+        for port in self.sniff_ports:
+            _check_int("sniff-ports", port, 1, 65535)
+        _check_seconds("idle-timeout", self.idle_timeout)
+        _check_seconds("half-close-timeout", self.half_close_timeout)
+        _check_int("max-connections", self.max_connections, 0, 10_000_000)
+        _check_int("max-client-connections", self.max_client_connections, 0, 10_000_000)
+        _check_seconds("drain-timeout", self.drain_timeout)
+        _check_int("workers", self.workers, 1, 256)
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError("log-format", f"must be one of {', '.join(LOG_FORMATS)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError("log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+        return self
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(name, f"expected a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value} is out of range {low}-{high}")
+
+
+def _check_seconds(
+    name: str, value: object, *, positive: bool = False, allow_negative: bool = False
+) -> None:
+    if not isinstance(value, float | int) or isinstance(value, bool) or math.isnan(value):
+        raise ConfigError(name, f"expected a duration, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(name, "must be greater than zero")
+    if not allow_negative and value < 0:
+        raise ConfigError(name, "must not be negative")
+
+
+def option_names() -> list[str]:
+    """Flag / TOML key names, derived from the dataclass so the two can never drift."""
+    return [f.name.replace("_", "-") for f in fields(Config)]
+
+
+def convert(name: str, value: Any) -> Any:
+    """Turn a flag or TOML value into the field's type; ValueError says why it cannot be."""
+    f = {f.name: f for f in fields(Config)}[name.replace("-", "_")]
+    kind = f.metadata.get("kind")
+    if kind == "duration":
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+            return 0.0
+        if not isinstance(value, str):
+            raise ValueError(f'expected a duration string such as "30s", got {value!r}')
+        return parse_duration(value)
+    if kind == "sniff_timeout":
+        return parse_sniff_timeout(value)
+    if f.type == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if f.type == "tuple[int, ...]":
+        items = value
+        if isinstance(value, str):
+            items = [p for p in (x.strip() for x in value.split(",")) if p]
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"expected a list of ports, got {value!r}")
+        ports = []
+        for item in items:
+            if isinstance(item, bool) or not (
+                isinstance(item, int) or (isinstance(item, str) and item.isdigit())
+            ):
+                raise ValueError(f"{item!r} is not a port number")
+            ports.append(int(item))
+        return tuple(ports)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config; keys may use dashes or underscores. Raises ConfigError(KEY, why)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path}: {exc}") from None
+    known = set(option_names())
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("_", "-")
+        if name not in known:
+            raise ConfigError(key, "unknown setting")
+        try:
+            values[name] = convert(name, value)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    return values
+
+
+def build(values: dict[str, Any]) -> Config:
+    """Make and validate a Config from already converted ``{flag-name: value}`` pairs."""
+    return Config(**{k.replace("-", "_"): v for k, v in values.items()}).validate()

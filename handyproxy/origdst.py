@@ -1,0 +1,82 @@
+"""Where a REDIRECTed or DNATed connection was really going, from the kernel's conntrack entry.
+
+One function covers both families: a dual-stack listener accepts IPv4 clients as v4-mapped IPv6
+sockets, and for those the IPv4 option (SOL_IP) is the one conntrack answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+_SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, address, zero
+_SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, address, scope id
+
+
+class OrigDstError(Exception):
+    """The connection has no original destination: it was not redirected."""
+
+
+def unmap(host: str) -> str:
+    """``::ffff:198.51.100.2`` → ``198.51.100.2``, so v4 clients on a v6 socket log as v4."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """The original ``(ip, port)``; raises OrigDstError when conntrack has none (not NATed)."""
+    local = sock.getsockname()[0]
+    try:
+        if sock.family == socket.AF_INET or (
+            sock.family == socket.AF_INET6 and unmap(local) != local
+        ):
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+            port, addr = _SOCKADDR_IN.unpack(raw)
+            return socket.inet_ntop(socket.AF_INET, addr), port
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
+        port, addr = _SOCKADDR_IN6.unpack(raw)
+        return socket.inet_ntop(socket.AF_INET6, addr), port
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOPROTOOPT):
+            raise OrigDstError(f"getsockopt(SO_ORIGINAL_DST): {exc.strerror}") from None
+        raise OrigDstError(f"getsockopt(SO_ORIGINAL_DST) failed: {exc}") from None
+
+
+def same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Compare endpoints across the v4 / v4-mapped spellings of one address."""
+    if a[1] != b[1]:
+        return False
+    try:
+        return ipaddress.ip_address(unmap(a[0])) == ipaddress.ip_address(unmap(b[0]))
+    except ValueError:
+        return False
+
+
+def is_self(
+    dst: tuple[str, int],
+    local: tuple[str, int],
+    listen_ports: set[int],
+    upstreams: list[tuple[str, int]],
+) -> str | None:
+    """Why a destination must not be tunnelled (``not-redirected`` / ``loop``), or None.
+
+    A connection whose original destination is the listener's own address was never
+    redirected; one aimed at the upstream proxy or at another of our ports would loop.
+    """
+    if same_endpoint(dst, local):
+        return "not-redirected"
+    if any(same_endpoint(dst, up) for up in upstreams):
+        return "loop"
+    try:
+        dst_ip = ipaddress.ip_address(unmap(dst[0]))
+        local_ip = ipaddress.ip_address(unmap(local[0]))
+    except ValueError:
+        return None
+    if dst[1] in listen_ports and (dst_ip == local_ip or dst_ip.is_loopback):
+        return "loop"
+    return None

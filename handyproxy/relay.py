@@ -1,0 +1,180 @@
+"""Copying bytes both ways between the client and the upstream, with flow control.
+
+Protocols rather than streams: each chunk is written to the other side from the read callback,
+with no task, no await and no intermediate buffer per tunnel. Memory stays bounded because a
+side whose write buffer passes HIGH_WATER pauses reading on the other side until it drains.
+
+Ending is explicit about FIN versus RST: EOF on one side becomes a half-close on the other and the
+other direction keeps flowing; an error or reset on one side resets the other, so a client never
+mistakes a broken transfer for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def reset_socket(sock: socket.socket | None) -> None:
+    """Make the next close send RST instead of FIN (SO_LINGER with a zero timeout)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+
+
+def reset_transport(transport: asyncio.BaseTransport) -> None:
+    reset_socket(transport.get_extra_info("socket"))
+    transport.abort()
+
+
+class Half(asyncio.Protocol):
+    """One socket of a tunnel: what it reads goes to ``peer``, what it writes comes from it."""
+
+    __slots__ = (
+        "closed",
+        "eof",
+        "name",
+        "peer",
+        "reading_paused",
+        "received",
+        "relay",
+        "transport",
+    )
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer: Half = None  # type: ignore[assignment]
+        self.received = 0
+        self.eof = False
+        self.closed = False
+        self.reading_paused = False
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Adopt a transport that was made for another protocol (the CONNECT handshake)."""
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    # Protocol interface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.attach(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        try:
+            self.peer.transport.write(data)
+        except (RuntimeError, OSError):
+            self.relay.fail(self.peer, "error")
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.relay.half_eof(self)
+        return True  # keep our write side open: the other direction may still be flowing
+
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.relay.half_lost(self, exc)
+
+    # Flow control, idempotent so any caller may use it
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+
+class Relay:
+    """The two halves of one tunnel and how it ends; ``on_done`` runs once both sockets closed."""
+
+    __slots__ = ("client", "end", "last_activity", "on_done", "quiet_since", "upstream")
+
+    def __init__(self, on_done: Callable[[Relay], None], now: float) -> None:
+        self.client = Half(self, "client")
+        self.upstream = Half(self, "upstream")
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
+        self.on_done = on_done
+        self.end: str | None = None
+        self.last_activity = -1
+        self.quiet_since = now
+
+    @property
+    def bytes_up(self) -> int:
+        return self.client.received
+
+    @property
+    def bytes_down(self) -> int:
+        return self.upstream.received
+
+    @property
+    def half_closed(self) -> bool:
+        return self.client.eof or self.upstream.eof
+
+    def half_eof(self, half: Half) -> None:
+        peer = half.peer
+        if not peer.closed:
+            peer.transport.write_eof()  # sent once the peer's write buffer has drained
+        if peer.eof:
+            self.end = self.end or "eof"
+            for h in (half, peer):
+                if not h.closed:
+                    h.transport.close()
+
+    def half_lost(self, half: Half, exc: Exception | None) -> None:
+        peer = half.peer
+        if exc is not None:
+            self.end = self.end or f"{half.name}-reset"
+            if not peer.closed and peer.transport is not None:
+                reset_transport(peer.transport)
+        elif not peer.closed and peer.transport is not None:
+            self.end = self.end or "eof"
+            peer.transport.close()
+        if peer.closed:
+            self.on_done(self)
+
+    def fail(self, half: Half, reason: str) -> None:
+        """End the tunnel with RST on both sides, recording ``reason`` unless one is set."""
+        self.end = self.end or reason
+        for h in (half, half.peer):
+            if not h.closed:
+                reset_transport(h.transport)
+
+    def abort(self, reason: str) -> None:
+        self.fail(self.client, reason)
+
+    def check_timers(self, now: float, idle_timeout: float, half_close_timeout: float) -> None:
+        """Called about once a second by the server; ends tunnels that went quiet too long.
+
+        Activity is judged from the byte counters, so the hot path never reads a clock.
+        """
+        activity = self.client.received + self.upstream.received
+        if activity != self.last_activity:
+            self.last_activity = activity
+            self.quiet_since = now
+            return
+        quiet = now - self.quiet_since
+        if half_close_timeout > 0 and self.half_closed and quiet >= half_close_timeout:
+            self.abort("half-close-timeout")
+        elif idle_timeout > 0 and quiet >= idle_timeout:
+            self.abort("idle-timeout")

@@ -1,0 +1,383 @@
+"""The process: listeners, the accept loop, timers, signals and draining.
+
+Accepting is done by hand (a reader callback on the listening socket) rather than by
+``loop.create_server`` so that running out of descriptors can be handled the way operators want:
+stop accepting for a moment, leave the clients waiting in the backlog, log it once, and never spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from handyproxy import systemd
+from handyproxy.config import Config
+from handyproxy.connect import authority
+from handyproxy.log import logger
+from handyproxy.tunnel import Hub, Tunnel
+
+EXIT_STARTUP_FAILURE = 3
+BACKLOG = 4096
+ACCEPT_BATCH = 64
+TICK = 1.0
+UPSTREAM_REFRESH = 60.0
+BACKOFF_FIRST = 0.01
+BACKOFF_MAX = 1.0
+BACKOFF_LOG_EVERY = 10.0
+_ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StartupError(Exception):
+    """The forwarder cannot start (cannot bind, for instance); exit status 3."""
+
+
+def make_listeners(cfg: Config, count: int = 1) -> list[socket.socket]:
+    """Sockets from systemd, or ``count`` bound sockets sharing the port with SO_REUSEPORT."""
+    inherited = systemd.listen_fds()
+    if inherited:
+        for sock in inherited:
+            sock.setblocking(False)
+        return inherited
+    socks: list[socket.socket] = []
+    port = cfg.local_port
+    try:
+        for _ in range(count):
+            sock = _bind(cfg.listen_address, port, reuse_port=count > 1)
+            port = sock.getsockname()[1]  # port 0: the others join the kernel's choice
+            socks.append(sock)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind(address: str, port: int, reuse_port: bool) -> socket.socket:
+    if address:
+        candidates = [(socket.AF_INET6 if ":" in address else socket.AF_INET, address)]
+    else:
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    last: OSError | None = None
+    for family, host in candidates:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # no IPv6 in this kernel or namespace
+            last = exc
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and not address:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                break
+    raise StartupError(f"cannot listen on {authority(address or '::', port)}: {last}")
+
+
+class Server:
+    """Owns the listeners and the lifecycle; each connection's story lives in tunnel.py."""
+
+    def __init__(self, cfg: Config, listeners: list[socket.socket], notify: bool = True) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.notify = notify
+        self.hub = Hub(config=cfg, listen_ports={s.getsockname()[1] for s in listeners})
+        self.stop_requested: asyncio.Event | None = None
+        self.accept_paused = False
+        self.backoff = BACKOFF_FIRST
+        self.exhausted_count = 0
+        self.exhausted_logged = 0.0
+        self.last_status = ""
+        self.upstream_resolved = 0.0
+
+    # Lifecycle
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stop_requested = asyncio.Event()
+        for sig in _HANDLED_SIGNALS:
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        try:
+            await self.refresh_upstream()
+            if not self.hub.upstreams:
+                logger.warning(
+                    "upstream proxy does not resolve yet; retrying",
+                    extra={"fields": {"upstream": self.cfg.upstream_proxy}},
+                )
+            self.start_accepting()
+            for sock in self.listeners:
+                host, port = sock.getsockname()[:2]
+                logger.info(
+                    f"listening on {authority(host, port)}",
+                    extra={"fields": {"upstream": self.cfg.upstream_proxy}},
+                )
+            if self.notify:
+                systemd.ready("ready, 0 tunnels open")
+            ticker = loop.create_task(self.tick_forever())
+            await self.stop_requested.wait()
+            ticker.cancel()
+            await self.shutdown()
+        finally:
+            for sig in _HANDLED_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        if self.stop_requested is None or self.stop_requested.is_set():
+            return
+        logger.info(
+            "stopping: no new connections, draining open tunnels",
+            extra={"fields": {"signal": sig.name if sig else "-", "open": self.hub.connections}},
+        )
+        self.stop_requested.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, give open tunnels the drain timeout, then reset what is left."""
+        if self.notify:
+            systemd.stopping(f"draining {self.hub.connections} tunnels")
+        self.hub.draining = True
+        self.stop_accepting()
+        for sock in self.listeners:
+            sock.close()
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while self.hub.tunnels and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        left = list(self.hub.tunnels)
+        for tunnel in left:
+            if tunnel.task is not None:
+                tunnel.task.cancel()
+            elif tunnel.relay is not None:
+                tunnel.relay.abort("shutdown")
+        for _ in range(100):  # let the resets and their access records happen
+            if not self.hub.tunnels:
+                break
+            await asyncio.sleep(0.01)
+        logger.info("stopped", extra={"fields": {"reset": len(left), "served": self.hub.total}})
+
+    # Accepting
+
+    def start_accepting(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:
+            loop.add_reader(sock.fileno(), self.on_readable, sock)
+        self.accept_paused = False
+
+    def stop_accepting(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+
+    def on_readable(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_EXHAUSTED:
+                    self.exhausted(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that client gave up before we got to it
+                logger.warning("accept failed", extra={"fields": {"error": str(exc)}})
+                return
+            self.backoff = BACKOFF_FIRST
+            self.accepted(conn, addr)
+
+    def exhausted(self, exc: OSError) -> None:
+        """Out of descriptors: pause accepting with a growing delay; clients wait in the backlog."""
+        loop = asyncio.get_running_loop()
+        self.stop_accepting()
+        self.accept_paused = True
+        self.exhausted_count += 1
+        now = time.monotonic()
+        if now - self.exhausted_logged >= BACKOFF_LOG_EVERY:
+            logger.warning(
+                "out of file descriptors: accepting slowed down",
+                extra={
+                    "fields": {
+                        "error": exc.strerror,
+                        "open": self.hub.connections,
+                        "events": self.exhausted_count,
+                        "retry_in": f"{self.backoff:g}s",
+                    }
+                },
+            )
+            self.exhausted_logged = now
+            self.exhausted_count = 0
+        loop.call_later(self.backoff, self.resume_accepting)
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def resume_accepting(self) -> None:
+        if self.accept_paused and not self.hub.draining:
+            self.start_accepting()
+
+    def accepted(self, conn: socket.socket, addr: tuple) -> None:
+        conn.setblocking(False)
+        hub, cfg = self.hub, self.cfg
+        tunnel = Tunnel(hub, conn, addr)
+        hub.total += 1
+        if cfg.max_connections and hub.connections >= cfg.max_connections:
+            tunnel.refuse("connection-cap")
+            return
+        if (
+            cfg.max_client_connections
+            and hub.per_client.get(tunnel.client_ip, 0) >= cfg.max_client_connections
+        ):
+            tunnel.refuse("client-cap")
+            return
+        hub.tunnels.add(tunnel)
+        hub.connections += 1
+        hub.per_client[tunnel.client_ip] = hub.per_client.get(tunnel.client_ip, 0) + 1
+        tunnel.task = asyncio.get_running_loop().create_task(tunnel.run())
+
+    # Timers
+
+    async def tick_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = TICK
+        watchdog = systemd.watchdog_interval() if self.notify else None
+        if watchdog:
+            interval = min(interval, watchdog)
+        while True:
+            await asyncio.sleep(interval)
+            self.tick(loop.time())
+            if watchdog:
+                systemd.watchdog()
+            if loop.time() - self.upstream_resolved >= UPSTREAM_REFRESH or not self.hub.upstreams:
+                await self.refresh_upstream()
+
+    def tick(self, now: float) -> None:
+        idle, half = self.cfg.idle_timeout, self.cfg.half_close_timeout
+        if idle > 0 or half > 0:
+            for tunnel in list(self.hub.tunnels):
+                if tunnel.relay is not None:
+                    tunnel.relay.check_timers(now, idle, half)
+        text = f"{self.hub.connections} tunnels open"
+        if self.notify and text != self.last_status:
+            systemd.status(text)
+            self.last_status = text
+
+    async def refresh_upstream(self) -> None:
+        """Re-resolve the upstream now and then, so a DNS change needs no restart."""
+        loop = asyncio.get_running_loop()
+        host, port = self.cfg.upstream
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            infos = []
+        if infos:
+            self.hub.upstreams = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+            self.hub.upstream_endpoints = [
+                (sockaddr[0], sockaddr[1]) for _, sockaddr in self.hub.upstreams
+            ]
+        self.upstream_resolved = loop.time()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps --help usable
+        logger.warning("uvloop is not installed; using the slower asyncio event loop")
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def serve(cfg: Config, listeners: list[socket.socket], notify: bool = True) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(Server(cfg, listeners, notify).serve())
+    return 0
+
+
+def run(cfg: Config) -> int:
+    """Start the forwarder; the exit status is 0 after a clean stop, 3 when it cannot start."""
+    try:
+        listeners = make_listeners(cfg, cfg.workers)
+    except StartupError as exc:
+        logger.error(str(exc))
+        return EXIT_STARTUP_FAILURE
+    if cfg.workers == 1:
+        return serve(cfg, listeners)
+    return supervise(cfg, listeners)
+
+
+def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
+    """Run ``cfg.workers`` processes, one per listener (or all on the inherited ones).
+
+    The parent only forks, forwards SIGTERM/SIGINT, replaces workers that die unexpectedly and
+    speaks to systemd (NotifyAccess=main accepts only it).
+    """
+    shares = (
+        [[s] for s in listeners] if len(listeners) == cfg.workers else [listeners] * cfg.workers
+    )
+    for sock in listeners:
+        host, port = sock.getsockname()[:2]
+        logger.info(
+            f"listening on {authority(host, port)}",
+            extra={"fields": {"upstream": cfg.upstream_proxy, "workers": cfg.workers}},
+        )
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for sig in _HANDLED_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                code = serve(cfg, shares[index], notify=False)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = index
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            systemd.stopping(f"draining {cfg.workers} workers")
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in _HANDLED_SIGNALS:
+        signal.signal(sig, forward)
+    for index in range(cfg.workers):
+        spawn(index)
+    systemd.ready(f"ready, {cfg.workers} workers")
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid)
+        if not stopping:
+            logger.error(
+                "worker died; starting another",
+                extra={"fields": {"pid": pid, "status": os.waitstatus_to_exitcode(status)}},
+            )
+            time.sleep(0.1)
+            spawn(index)
+    for sock in listeners:
+        sock.close()
+    return 0
