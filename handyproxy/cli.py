@@ -92,7 +92,8 @@ def parse_args(argv: list[str]) -> config.Config:
         try:
             values.update(config.load_toml(config_path))
         except config.ConfigError as exc:
-            raise UsageError(f"{config_path}: {exc.field}", exc.reason) from None
+            where = config_path if exc.field == "config" else f"{config_path}: {exc.field}"
+            raise UsageError(where, exc.reason) from None
     values.update(given)
     try:
         return config.build(values)

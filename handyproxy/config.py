@@ -27,7 +27,7 @@ _DURATION_UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _MAX_DURATION = 2**63 / 1e9  # Go's time.Duration is int64 nanoseconds.
 
 
@@ -64,7 +64,7 @@ def parse_duration(text: str) -> float:
     while pos < len(s):
         m = _DURATION_PART.match(s, pos)
         if m is None:
-            if s[pos:].replace(".", "", 1).isdigit():
+            if s[pos:].isascii() and s[pos:].replace(".", "", 1).isdigit():
                 raise ValueError(f"missing unit in duration {text!r} (use e.g. 30s, 3m, 500ms)")
             raise ValueError(f"invalid duration {text!r} (use e.g. 30s, 3m, 1m30s, 500ms)")
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
@@ -98,7 +98,9 @@ def parse_sniff_timeout(value: str | int | float) -> float:
         raise ValueError("expected a duration")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif re.fullmatch(r"[+-]?\d+", value.strip()):
+    elif not isinstance(value, str):
+        raise ValueError(f"expected a duration, got {value!r}")
+    elif re.fullmatch(r"[+-]?[0-9]+", value.strip()):
         seconds = float(value.strip())
     else:
         return parse_duration(value)
@@ -249,6 +251,8 @@ def _check_seconds(
 ) -> None:
     if not isinstance(value, float | int) or isinstance(value, bool) or math.isnan(value):
         raise ConfigError(name, f"expected a duration, got {value!r}")
+    if abs(value) > _MAX_DURATION:
+        raise ConfigError(name, f"{value!r} is out of range")
     if positive and value <= 0:
         raise ConfigError(name, "must be greater than zero")
     if not allow_negative and value < 0:
@@ -277,7 +281,7 @@ def convert(name: str, value: Any) -> Any:
             raise ValueError(f"expected a whole number, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
             return int(value)
         raise ValueError(f"expected a whole number, got {value!r}")
     if f.type == "tuple[int, ...]":
@@ -289,7 +293,8 @@ def convert(name: str, value: Any) -> Any:
         ports = []
         for item in items:
             if isinstance(item, bool) or not (
-                isinstance(item, int) or (isinstance(item, str) and item.isdigit())
+                isinstance(item, int)
+                or (isinstance(item, str) and item.isascii() and item.isdigit())
             ):
                 raise ValueError(f"{item!r} is not a port number")
             ports.append(int(item))
@@ -305,9 +310,9 @@ def load_toml(path: str) -> dict[str, Any]:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
     except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{path}: {exc}") from None
+        raise ConfigError("config", f"cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}") from None
     known = set(option_names())
     values: dict[str, Any] = {}
     for key, value in raw.items():

@@ -65,7 +65,7 @@ def _handshake_bytes(data: bytes) -> bytes | _More | None:
         if length == 0 or length > MAX_RECORD:
             return None
         payload += data[pos + 5 : pos + 5 + length]
-        if payload[0] != HANDSHAKE_CLIENT_HELLO:
+        if payload and payload[0] != HANDSHAKE_CLIENT_HELLO:
             return None
         if pos + 5 + length > len(data):
             return _complete(payload) or MORE
