@@ -27,6 +27,7 @@ _HELP = {
     "max-client-connections": "tunnels open at once per client address (0: no cap)",
     "drain-timeout": "on SIGTERM, time open tunnels get before they are reset",
     "workers": "processes sharing the port (SO_REUSEPORT)",
+    "relay": "splice (zero-copy, the default) or copy (through user space)",
     "log-format": "text or json",
     "log-level": "debug, info, warning or error",
 }

@@ -15,6 +15,7 @@ from typing import Any
 
 DEFAULT_UPSTREAM_PORT = 3128
 LOG_FORMATS = ("text", "json")
+RELAYS = ("splice", "copy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _DURATION_UNITS = {
@@ -191,6 +192,7 @@ class Config:
     max_client_connections: int = 0
     drain_timeout: float = _duration_field(30.0)
     workers: int = 1
+    relay: str = "splice"
     log_format: str = "text"
     log_level: str = "info"
 
@@ -232,6 +234,8 @@ class Config:
         _check_int("max-client-connections", self.max_client_connections, 0, 10_000_000)
         _check_seconds("drain-timeout", self.drain_timeout)
         _check_int("workers", self.workers, 1, 256)
+        if self.relay not in RELAYS:
+            raise ConfigError("relay", f"must be one of {', '.join(RELAYS)}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError("log-format", f"must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:

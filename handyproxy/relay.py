@@ -68,6 +68,8 @@ class Half(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.attach(transport)  # type: ignore[arg-type]
+        if self.peer.transport is None:
+            self.pause_reading()  # nowhere to put the bytes yet
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -104,28 +106,77 @@ class Half(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-class Relay:
-    """The two halves of one tunnel and how it ends; ``on_done`` runs once both sockets closed."""
+class RelayBase:
+    """What every relay shares: how it ended, and the quiet-time timers judged by byte counts."""
 
-    __slots__ = ("client", "end", "last_activity", "on_done", "quiet_since", "upstream")
+    __slots__ = ("end", "extra_down", "extra_up", "last_activity", "on_done", "quiet_since")
 
-    def __init__(self, on_done: Callable[[Relay], None], now: float) -> None:
-        self.client = Half(self, "client")
-        self.upstream = Half(self, "upstream")
-        self.client.peer = self.upstream
-        self.upstream.peer = self.client
+    def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
         self.on_done = on_done
         self.end: str | None = None
         self.last_activity = -1
         self.quiet_since = now
+        self.extra_up = 0
+        self.extra_down = 0
+
+    bytes_up: int
+    bytes_down: int
+    half_closed: bool
+
+    def abort(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def seed(self, up: int, down: int) -> None:
+        """Count bytes delivered before the relay took over (sniffed, or early from the origin)."""
+        self.extra_up += up
+        self.extra_down += down
+
+    def check_timers(self, now: float, idle_timeout: float, half_close_timeout: float) -> None:
+        """Called about once a second by the server; ends tunnels that went quiet too long.
+
+        Activity is judged from the byte counters, so the hot path never reads a clock.
+        """
+        activity = self.bytes_up + self.bytes_down
+        if activity != self.last_activity:
+            self.last_activity = activity
+            self.quiet_since = now
+            return
+        quiet = now - self.quiet_since
+        if half_close_timeout > 0 and self.half_closed and quiet >= half_close_timeout:
+            self.abort("half-close-timeout")
+        elif idle_timeout > 0 and quiet >= idle_timeout:
+            self.abort("idle-timeout")
+
+
+class Relay(RelayBase):
+    """Copying relay: two protocol halves; ``on_done`` runs once both sockets closed."""
+
+    __slots__ = ("client", "upstream")
+
+    def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
+        super().__init__(on_done, now)
+        self.client = Half(self, "client")
+        self.upstream = Half(self, "upstream")
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
+
+    async def start(
+        self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket
+    ) -> None:
+        """Wrap both sockets in transports; the upstream waits until the client side exists."""
+        await loop.create_connection(lambda: self.upstream, sock=upstream)
+        await loop.connect_accepted_socket(lambda: self.client, client)
+        if self.upstream.closed:
+            self.fail(self.client, self.end or "upstream-reset")
+        self.upstream.resume_reading()
 
     @property
     def bytes_up(self) -> int:
-        return self.client.received
+        return self.client.received + self.extra_up
 
     @property
     def bytes_down(self) -> int:
-        return self.upstream.received
+        return self.upstream.received + self.extra_down
 
     @property
     def half_closed(self) -> bool:
@@ -157,24 +208,8 @@ class Relay:
         """End the tunnel with RST on both sides, recording ``reason`` unless one is set."""
         self.end = self.end or reason
         for h in (half, half.peer):
-            if not h.closed:
+            if not h.closed and h.transport is not None:
                 reset_transport(h.transport)
 
     def abort(self, reason: str) -> None:
         self.fail(self.client, reason)
-
-    def check_timers(self, now: float, idle_timeout: float, half_close_timeout: float) -> None:
-        """Called about once a second by the server; ends tunnels that went quiet too long.
-
-        Activity is judged from the byte counters, so the hot path never reads a clock.
-        """
-        activity = self.client.received + self.upstream.received
-        if activity != self.last_activity:
-            self.last_activity = activity
-            self.quiet_since = now
-            return
-        quiet = now - self.quiet_since
-        if half_close_timeout > 0 and self.half_closed and quiet >= half_close_timeout:
-            self.abort("half-close-timeout")
-        elif idle_timeout > 0 and quiet >= idle_timeout:
-            self.abort("idle-timeout")

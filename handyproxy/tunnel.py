@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from handyproxy import connect, origdst
 from handyproxy.config import Config
 from handyproxy.log import access, logger
-from handyproxy.relay import Relay, reset_socket, reset_transport
+from handyproxy.relay import Relay, RelayBase, reset_socket
 from handyproxy.sniff import http as sniff_http
 from handyproxy.sniff import tls as sniff_tls
+from handyproxy.splice import SpliceRelay
 
+READ_SIZE = 4096
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 15
 KEEPALIVE_COUNT = 4
@@ -51,47 +53,6 @@ def tune_socket(sock: socket.socket) -> None:
         pass
 
 
-class _Handshake(asyncio.Protocol):
-    """Collects the upstream's CONNECT reply and keeps whatever arrived after it."""
-
-    __slots__ = ("buf", "done", "transport")
-
-    def __init__(self, done: asyncio.Future[tuple[int, bytes]]) -> None:
-        self.done = done
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self.done.done():
-            self.buf += data
-            return
-        self.buf += data
-        try:
-            parsed = connect.parse_reply(self.buf)
-        except connect.ConnectReplyError as exc:
-            self.done.set_exception(connect.ConnectError(str(exc)))
-            return
-        if parsed is not None:
-            status, length = parsed
-            assert self.transport is not None
-            self.transport.pause_reading()  # later bytes wait until the client side exists
-            self.done.set_result((status, bytes(self.buf[length:])))
-            del self.buf[:]
-
-    def eof_received(self) -> bool:
-        return True  # an origin that closes at once still gets its bytes delivered
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            why = (
-                f"upstream closed the connection: {exc}" if exc else "upstream closed before reply"
-            )
-            self.done.set_exception(connect.ConnectError(why))
-
-
 class Tunnel:
     """Bookkeeping for one client connection, from accept to the access record."""
 
@@ -117,7 +78,7 @@ class Tunnel:
         self.target = "-"
         self.status: int | None = None
         self.started = time.monotonic()
-        self.relay: Relay | None = None
+        self.relay: RelayBase | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -144,8 +105,8 @@ class Tunnel:
                 if name:
                     host = name
             self.target = connect.authority(host, dst[1])
-            transport, leftover = await self.open_upstream(host, dst[1])
-            await self.start_relay(transport, first, leftover)
+            upstream, leftover = await self.open_upstream(host, dst[1])
+            await self.start_relay(upstream, first, leftover)
         except connect.ConnectError as exc:
             self.fail("connect-failed", exc.reason)
         except asyncio.CancelledError:
@@ -157,34 +118,49 @@ class Tunnel:
         finally:
             self.task = None
 
-    async def open_upstream(self, host: str, port: int) -> tuple[asyncio.Transport, bytes]:
-        """Dial the upstream and ask for the tunnel, all within the dial timeout."""
+    async def open_upstream(self, host: str, port: int) -> tuple[socket.socket, bytes]:
+        """Dial the upstream and ask for the tunnel, all within the dial timeout.
+
+        Returns the connected socket and any bytes the upstream sent after its reply header.
+        """
         loop = asyncio.get_running_loop()
         cfg = self.hub.config
-        transport: asyncio.Transport | None = None
+        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(cfg.dial_timeout):
-                done: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-                transport = await self.dial(loop, _Handshake(done))
-                transport.write(connect.build_request(host, port))
-                self.status, leftover = await done
+                sock = await self.dial(loop)
+                await loop.sock_sendall(sock, connect.build_request(host, port))
+                buf = b""
+                while True:
+                    chunk = await loop.sock_recv(sock, READ_SIZE)
+                    if not chunk:
+                        raise connect.ConnectError("upstream closed before its reply ended")
+                    buf += chunk
+                    try:
+                        parsed = connect.parse_reply(buf)
+                    except connect.ConnectReplyError as exc:
+                        raise connect.ConnectError(str(exc)) from None
+                    if parsed is not None:
+                        break
         except TimeoutError:
-            if transport is not None:
-                transport.abort()
+            if sock is not None:
+                sock.close()
             raise connect.ConnectError(f"no answer within {cfg.dial_timeout:g}s") from None
-        except connect.ConnectError:
-            if transport is not None:
-                transport.abort()
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise connect.ConnectError(f"upstream connection failed: {exc}") from None
+        except BaseException:  # ConnectError, or cancelled by shutdown: do not leak the socket
+            if sock is not None:
+                sock.close()
             raise
-        assert transport is not None
+        self.status, length = parsed
         if not 200 <= self.status < 300:
-            transport.abort()
+            sock.close()
             raise connect.ConnectError("upstream refused the tunnel", self.status)
-        return transport, leftover
+        return sock, buf[length:]
 
-    async def dial(
-        self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol
-    ) -> asyncio.Transport:
+    async def dial(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
         """Connect to the first upstream address that answers."""
         hub = self.hub
         if not hub.upstreams:
@@ -206,32 +182,26 @@ class Tunnel:
                 sock.close()
                 raise
             tune_socket(sock)
-            transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
-            return transport  # type: ignore[return-value]
+            return sock
         raise connect.ConnectError("cannot reach upstream: " + "; ".join(errors))
 
-    async def start_relay(self, upstream: asyncio.Transport, first: bytes, leftover: bytes) -> None:
-        """Join the two sockets; the upstream stays paused until its early bytes are delivered."""
+    async def start_relay(self, upstream: socket.socket, first: bytes, leftover: bytes) -> None:
+        """Deliver the bytes already read on each side, then hand both sockets to the relay."""
         loop = asyncio.get_running_loop()
-        relay = Relay(self.finished, loop.time())
-        relay.upstream.attach(upstream)
-        relay.upstream.reading_paused = True  # paused by the handshake
-        upstream.set_protocol(relay.upstream)
-        self.relay = relay
-        if first:
-            relay.client.received += len(first)
-            upstream.write(first)
         try:
-            await loop.connect_accepted_socket(lambda: relay.client, self.sock)
+            if first:
+                await loop.sock_sendall(upstream, first)
+            if leftover:
+                await loop.sock_sendall(self.sock, leftover)
         except BaseException:
-            reset_transport(upstream)
+            reset_socket(upstream)
+            upstream.close()
             raise
-        if leftover:
-            relay.upstream.received += len(leftover)
-            relay.client.transport.write(leftover)
-        if relay.upstream.closed:
-            relay.fail(relay.client, relay.end or "upstream-reset")
-        relay.upstream.resume_reading()
+        relay_cls = SpliceRelay if self.hub.config.relay == "splice" else Relay
+        relay = relay_cls(self.finished, loop.time())
+        self.relay = relay
+        await relay.start(loop, self.sock, upstream)
+        relay.seed(len(first), len(leftover))
 
     def refuse(self, reason: str) -> None:
         reset_socket(self.sock)
@@ -245,7 +215,7 @@ class Tunnel:
         self.log(end, reason=reason)
         self.release()
 
-    def finished(self, relay: Relay) -> None:
+    def finished(self, relay: RelayBase) -> None:
         self.log(relay.end or "eof")
         self.release()
 

@@ -1,0 +1,242 @@
+"""Zero-copy relay: bytes move socket → pipe → socket inside the kernel with splice(2).
+
+The copying relay (relay.py) pays for every byte twice: into a Python object and out again. Here
+the payload never enters user space; Python only decides when to move it. Pipes are taken from a
+small pool when a direction has bytes to move and given back as soon as it is drained, so idle
+tunnels hold no pipe at all. Flow control is the pipe itself: while a destination cannot take
+more, the source is not read, so memory stays bounded by one pipe per busy direction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+
+from handyproxy.relay import RelayBase, reset_socket
+
+PIPE_SIZE = 256 * 1024
+POOL_MAX = 64
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_RESETS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+class PipePool:
+    """Empty non-blocking pipes to reuse; creating and sizing one costs three syscalls."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = POOL_MAX) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[tuple[int, int]] = []
+
+    def get(self) -> tuple[int, int]:
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # over the per-user pipe budget: keep the default
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+        return r, w
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        """Take back a pipe that is empty; a pool already full closes it."""
+        if len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+POOL = PipePool()
+
+
+class Direction:
+    """One direction of a tunnel: ``src`` is read, ``dst`` is written."""
+
+    __slots__ = (
+        "dst",
+        "dst_name",
+        "eof",
+        "loop",
+        "moved",
+        "pending",
+        "pipe",
+        "reading",
+        "relay",
+        "shut",
+        "src",
+        "src_name",
+        "writing",
+    )
+
+    def __init__(
+        self, relay: SpliceRelay, src: int, dst: int, src_name: str, dst_name: str
+    ) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.src = src
+        self.dst = dst
+        self.src_name = src_name
+        self.dst_name = dst_name
+        self.pipe: tuple[int, int] | None = None
+        self.pending = 0
+        self.moved = 0
+        self.eof = False
+        self.shut = False
+        self.reading = False
+        self.writing = False
+
+    def start_reading(self) -> None:
+        if not self.reading and not self.eof:
+            self.reading = True
+            self.loop.add_reader(self.src, self.on_readable)
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.src)
+
+    def on_readable(self) -> None:
+        if self.pipe is None:
+            self.pipe = POOL.get()
+        try:
+            n = os.splice(self.src, self.pipe[1], PIPE_SIZE, flags=_FLAGS)
+        except BlockingIOError:
+            self.release_pipe()
+            return
+        except OSError as exc:
+            self.relay.failed(self.src_name, exc)
+            return
+        if n == 0:
+            self.eof = True
+            self.stop_reading()
+        else:
+            self.moved += n
+            self.pending += n
+        self.flush()
+
+    def flush(self) -> None:
+        pipe = self.pipe
+        while self.pending:
+            assert pipe is not None
+            try:
+                n = os.splice(pipe[0], self.dst, self.pending, flags=_FLAGS)
+            except BlockingIOError:
+                self.stop_reading()  # the destination is full: stop taking more
+                if not self.writing:
+                    self.writing = True
+                    self.loop.add_writer(self.dst, self.flush)
+                return
+            except OSError as exc:
+                self.relay.failed(self.dst_name, exc)
+                return
+            self.pending -= n
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.dst)
+        self.release_pipe()
+        if self.eof:
+            if not self.shut:
+                self.shut = True
+                try:
+                    socket_shutdown(self.dst)
+                except OSError as exc:
+                    self.relay.failed(self.dst_name, exc)
+                    return
+                self.relay.direction_done()
+        else:
+            self.start_reading()
+
+    def release_pipe(self) -> None:
+        if self.pipe is not None and self.pending == 0:
+            POOL.put(self.pipe)
+            self.pipe = None
+
+    def close(self) -> None:
+        """Forget the fds (the relay closes the sockets); a pipe with bytes left is destroyed."""
+        self.stop_reading()
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.dst)
+        if self.pipe is not None:
+            if self.pending:
+                PipePool.discard(self.pipe)
+            else:
+                POOL.put(self.pipe)
+            self.pipe = None
+
+
+def socket_shutdown(fd: int) -> None:
+    """Send FIN on ``fd`` without wrapping it in a socket object that would own it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    finally:
+        sock.detach()
+
+
+class SpliceRelay(RelayBase):
+    """Two splice directions over the raw client and upstream sockets."""
+
+    __slots__ = ("client", "down", "loop", "up", "upstream")
+
+    def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
+        super().__init__(on_done, now)
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.client: socket.socket | None = None
+        self.upstream: socket.socket | None = None
+
+    async def start(
+        self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.upstream = upstream
+        self.up = Direction(self, client.fileno(), upstream.fileno(), "client", "upstream")
+        self.down = Direction(self, upstream.fileno(), client.fileno(), "upstream", "client")
+        self.up.start_reading()
+        self.down.start_reading()
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.moved + self.extra_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.moved + self.extra_down
+
+    @property
+    def half_closed(self) -> bool:
+        return self.up.eof or self.down.eof
+
+    def direction_done(self) -> None:
+        if self.up.shut and self.down.shut:
+            self.end = self.end or "eof"
+            self.close(reset=False)
+
+    def failed(self, side: str, exc: OSError) -> None:
+        reason = f"{side}-reset" if exc.errno in _RESETS else "error"
+        self.abort(reason)
+
+    def abort(self, reason: str) -> None:
+        self.end = self.end or reason
+        self.close(reset=True)
+
+    def close(self, reset: bool) -> None:
+        if self.client is None or self.upstream is None:
+            return
+        self.up.close()
+        self.down.close()
+        for sock in (self.client, self.upstream):
+            if reset:
+                reset_socket(sock)
+            sock.close()
+        self.client = self.upstream = None
+        self.on_done(self)
