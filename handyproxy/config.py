@@ -132,13 +132,7 @@ def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         except ValueError:
             raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
     elif s.count(":") > 1:
-        try:
-            ipaddress.IPv6Address(s)
-        except ValueError:
-            raise ValueError(
-                f"{text!r}: put an IPv6 address in brackets, e.g. [2001:db8::1]:3128"
-            ) from None
-        host, port_text = s, None
+        raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [2001:db8::1]:3128")
     elif ":" in s:
         host, port_text = s.split(":", 1)
     else:

@@ -7,7 +7,6 @@ sockets, and for those the IPv4 option (SOL_IP) is the one conntrack answers.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 
@@ -28,13 +27,15 @@ def unmap(host: str) -> str:
     return host
 
 
-def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """The original ``(ip, port)``; raises OrigDstError when conntrack has none (not NATed)."""
-    local = sock.getsockname()[0]
+def original_dst(sock: socket.socket, local: str | None = None) -> tuple[str, int]:
+    """The original ``(ip, port)``; raises OrigDstError when conntrack has none (not NATed).
+
+    ``local`` is the socket's own address when the caller already has it.
+    """
+    if local is None:
+        local = sock.getsockname()[0]
     try:
-        if sock.family == socket.AF_INET or (
-            sock.family == socket.AF_INET6 and unmap(local) != local
-        ):
+        if ":" not in local or local.startswith("::ffff:"):
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
             port, addr = _SOCKADDR_IN.unpack(raw)
             return socket.inet_ntop(socket.AF_INET, addr), port
@@ -48,13 +49,16 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 
 
 def same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    """Compare endpoints across the v4 / v4-mapped spellings of one address."""
-    if a[1] != b[1]:
-        return False
-    try:
-        return ipaddress.ip_address(unmap(a[0])) == ipaddress.ip_address(unmap(b[0]))
-    except ValueError:
-        return False
+    """Compare endpoints across the v4 / v4-mapped spellings of one address.
+
+    Addresses from the kernel (getsockname, inet_ntop, getaddrinfo) are already canonical text,
+    so a string comparison after unmapping is exact and much cheaper than ipaddress objects.
+    """
+    return a[1] == b[1] and unmap(a[0]) == unmap(b[0])
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
 
 
 def is_self(
@@ -72,11 +76,7 @@ def is_self(
         return "not-redirected"
     if any(same_endpoint(dst, up) for up in upstreams):
         return "loop"
-    try:
-        dst_ip = ipaddress.ip_address(unmap(dst[0]))
-        local_ip = ipaddress.ip_address(unmap(local[0]))
-    except ValueError:
-        return None
-    if dst[1] in listen_ports and (dst_ip == local_ip or dst_ip.is_loopback):
+    dst_ip = unmap(dst[0])
+    if dst[1] in listen_ports and (dst_ip == unmap(local[0]) or _is_loopback(dst_ip)):
         return "loop"
     return None

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import resource
 import signal
 import socket
 import sys
@@ -305,8 +306,17 @@ def serve(cfg: Config, listeners: list[socket.socket], notify: bool = True) -> i
     return 0
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft descriptor limit to the hard one: each tunnel holds two sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(cfg: Config) -> int:
     """Start the forwarder; the exit status is 0 after a clean stop, 3 when it cannot start."""
+    raise_fd_limit()
     try:
         listeners = make_listeners(cfg, cfg.workers)
     except StartupError as exc:

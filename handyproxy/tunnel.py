@@ -85,15 +85,14 @@ class Tunnel:
         """Set the tunnel up; from then on the relay's callbacks carry it, no task remains."""
         hub, cfg, sock = self.hub, self.hub.config, self.sock
         try:
+            local = sock.getsockname()
             try:
-                dst = origdst.original_dst(sock)
+                dst = origdst.original_dst(sock, local[0])
             except origdst.OrigDstError:
                 self.refuse("not-redirected")
                 return
             self.dst = connect.authority(*dst)
-            reason = origdst.is_self(
-                dst, sock.getsockname()[:2], hub.listen_ports, hub.upstream_endpoints
-            )
+            reason = origdst.is_self(dst, local[:2], hub.listen_ports, hub.upstream_endpoints)
             if reason:
                 self.refuse(reason)
                 return
