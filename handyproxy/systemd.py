@@ -71,6 +71,9 @@ def listen_fds() -> list[socket.socket]:
         os.environ.pop(name, None)
     socks = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n):
-        os.set_inheritable(fd, False)
-        socks.append(socket.socket(fileno=fd))
+        try:
+            os.set_inheritable(fd, False)
+            socks.append(socket.socket(fileno=fd))
+        except OSError:  # not an open socket: the caller binds its own instead
+            continue
     return socks
