@@ -46,10 +46,11 @@ def test_socket_activation_and_notify_messages(
     notify.bind(str(notify_path))
     notify.settimeout(10)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-    argv = [sys.executable, "-c", LAUNCHER, "-local-port", "1",
-            "-upstream-proxy", f"{lablib.UPSTREAM_V4}:{PROXY_PORT}", "-drain-timeout", "1s"]  # fmt: skip
-    proc = lab.popen("router", argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                     stdin=subprocess.DEVNULL, text=True, pass_fds=())  # fmt: skip
+    upstream = f"{lablib.UPSTREAM_V4}:{PROXY_PORT}"
+    argv = [sys.executable, "-c", LAUNCHER, "-local-port", "1", "-upstream-proxy", upstream]
+    proc = lab.popen(
+        "router", argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
