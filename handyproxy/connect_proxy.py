@@ -118,15 +118,28 @@ class ConnectProxy:
 
     def __init__(self, options: Options) -> None:
         self.options = options
+        self.active: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """End every open connection and wait until their sockets are closed."""
+        for task in list(self.active):
+            task.cancel()
+        await asyncio.gather(*self.active, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = _peer(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)  # type: ignore[arg-type]
         try:
             await self._handle(client, reader, writer)
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.active.discard(task)  # type: ignore[arg-type]
             writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
 
     async def _handle(
         self, client: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -194,6 +207,8 @@ class ConnectProxy:
             await asyncio.gather(_pump(reader, o_writer, up), _pump(o_reader, writer, down))
         finally:
             o_writer.close()
+            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+                await o_writer.wait_closed()
             log.info(
                 "tunnel end %s client=%s up=%d down=%d duration=%.3fs",
                 target,
@@ -224,6 +239,7 @@ async def serve(options: Options) -> None:
     await stop.wait()
     for server in servers:
         server.close()
+    await proxy.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -457,26 +457,7 @@ class Lab:
         connections in the output chain). ``family`` is ``both``, ``ipv4`` or ``ipv6``. A
         second call replaces the table. Returns the ruleset text.
         """
-        if chain not in ("prerouting", "output"):
-            raise ValueError(f"chain must be prerouting or output, not {chain!r}")
-        match = {"both": "", "ipv4": "meta nfproto ipv4 ", "ipv6": "meta nfproto ipv6 "}
-        if family not in match:
-            raise ValueError(f"family must be both, ipv4 or ipv6, not {family!r}")
-        priority = "dstnat" if chain == "prerouting" else "-100"
-        rules = []
-        if skip_uid is not None:
-            rules.append(f"meta skuid {int(skip_uid)} return")
-        rules.append("fib daddr type local return")
-        rules.append(f"{match[family]}meta l4proto tcp redirect to :{int(port)}")
-        body = "\n".join(f"        {rule}" for rule in rules)
-        ruleset = (
-            f"table inet {NFT_TABLE} {{\n"
-            f"    chain {chain} {{\n"
-            f"        type nat hook {chain} priority {priority}; policy accept;\n"
-            f"{body}\n"
-            f"    }}\n"
-            f"}}\n"
-        )
+        ruleset = redirect_ruleset(port, chain, family, skip_uid)
         script = f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{ruleset}"
         _check(self.argv(ns, ["nft", "-f", "-"]), input=script)
         return ruleset
@@ -485,6 +466,34 @@ class Lab:
         """Remove the REDIRECT table from ``ns`` (no error when there is none)."""
         script = f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
         _check(self.argv(ns, ["nft", "-f", "-"]), input=script)
+
+
+def redirect_ruleset(
+    port: int, chain: str = "prerouting", family: str = "both", skip_uid: int | None = None
+) -> str:
+    """The nftables text ``Lab.redirect`` loads (pure, so it can be checked without root)."""
+    if chain not in ("prerouting", "output"):
+        raise ValueError(f"chain must be prerouting or output, not {chain!r}")
+    match = {"both": "", "ipv4": "meta nfproto ipv4 ", "ipv6": "meta nfproto ipv6 "}
+    if family not in match:
+        raise ValueError(f"family must be both, ipv4 or ipv6, not {family!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1-65535, not {port!r}")
+    priority = "dstnat" if chain == "prerouting" else "-100"
+    rules = []
+    if skip_uid is not None:
+        rules.append(f"meta skuid {int(skip_uid)} return")
+    rules.append("fib daddr type local return")
+    rules.append(f"{match[family]}meta l4proto tcp redirect to :{int(port)}")
+    body = "\n".join(f"        {rule}" for rule in rules)
+    return (
+        f"table inet {NFT_TABLE} {{\n"
+        f"    chain {chain} {{\n"
+        f"        type nat hook {chain} priority {priority}; policy accept;\n"
+        f"{body}\n"
+        f"    }}\n"
+        f"}}\n"
+    )
 
 
 def _raise_system_exit(signum: int, frame: FrameType | None) -> None:

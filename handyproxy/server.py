@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import resource
@@ -18,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from handyproxy import systemd
+from handyproxy import splice, systemd
 from handyproxy.config import Config
 from handyproxy.connect import authority
 from handyproxy.log import logger
@@ -317,6 +318,9 @@ def raise_fd_limit() -> None:
 def run(cfg: Config) -> int:
     """Start the forwarder; the exit status is 0 after a clean stop, 3 when it cannot start."""
     raise_fd_limit()
+    if cfg.relay == "splice" and (why := splice.available()):
+        logger.warning(f"zero-copy relay unavailable ({why}); copying instead")
+        cfg = dataclasses.replace(cfg, relay="copy")
     try:
         listeners = make_listeners(cfg, cfg.workers)
     except StartupError as exc:

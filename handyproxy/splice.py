@@ -57,6 +57,25 @@ class PipePool:
 POOL = PipePool()
 
 
+def available() -> str | None:
+    """None when splice(2) works here, else why not (seccomp filters and old kernels say no)."""
+    a, b = socket.socketpair()
+    pipe = None
+    try:
+        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        a.send(b"x")
+        if os.splice(b.fileno(), pipe[1], 1, flags=_FLAGS) != 1:
+            return "splice moved no byte"
+    except OSError as exc:
+        return f"splice: {exc.strerror or exc}"
+    finally:
+        a.close()
+        b.close()
+        if pipe is not None:
+            PipePool.discard(pipe)
+    return None
+
+
 class Direction:
     """One direction of a tunnel: ``src`` is read, ``dst`` is written."""
 
