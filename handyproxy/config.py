@@ -111,7 +111,7 @@ def parse_sniff_timeout(value: str | int | float) -> float:
 
 
 def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """Split ``host:port``, ``[v6]:port``, ``host`` or a bare IPv6 literal.
+    """Split ``host:port``, ``[v6]:port``, ``host`` or ``[v6]``; bare IPv6 is ambiguous.
 
     A missing port takes ``default_port``; raises ValueError naming what is wrong.
     """

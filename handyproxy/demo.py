@@ -28,6 +28,7 @@ from pathlib import Path
 from handyproxy import lab as lablib
 
 FORWARDER_PORT = 8443
+PROXY_MODULE = "handyproxy.connect_proxy"
 PROXY_PORT = 3128
 ORIGIN_PORT = 80
 GREETING = "Hello from the origin 198.18.0.2 / 2001:db8:18::2: you came through the CONNECT proxy."
@@ -104,40 +105,14 @@ class Demo:
         docroot.mkdir()
         (docroot / "index.html").write_text(GREETING + "\n")
         py = sys.executable
-        origin = self.start(
-            "origin",
-            "origin",
-            [
-                py,
-                "-u",
-                "-m",
-                "http.server",
-                "--bind",
-                "::",
-                "--directory",
-                str(docroot),
-                str(ORIGIN_PORT),
-            ],
-        )
-        proxy = self.start(
-            "upstream",
-            "upstream",
-            [py, "-u", "-m", "handyproxy.connect_proxy", "--listen", f":{PROXY_PORT}"],
-        )
+        upstream = f"{lablib.UPSTREAM_V4}:{PROXY_PORT}"
+        http_server = ["http.server", "--bind", "::", "--directory", str(docroot)]
+        proxy_flags = ["--listen", f":{PROXY_PORT}"]
+        forwarder_flags = ["-local-port", str(FORWARDER_PORT), "-upstream-proxy", upstream]
+        origin = self.start("origin", "origin", [py, "-u", "-m", *http_server, str(ORIGIN_PORT)])
+        proxy = self.start("upstream", "upstream", [py, "-u", "-m", PROXY_MODULE, *proxy_flags])
         forwarder = self.start(
-            "router",
-            "router",
-            [
-                py,
-                "-m",
-                "handyproxy",
-                "-local-port",
-                str(FORWARDER_PORT),
-                "-upstream-proxy",
-                f"{lablib.UPSTREAM_V4}:{PROXY_PORT}",
-                "-sniff-timeout",
-                "0",
-            ],
+            "router", "router", [py, "-m", "handyproxy", *forwarder_flags, "-sniff-timeout", "0"]
         )
         for hop, ready in (
             (origin, "Serving HTTP"),

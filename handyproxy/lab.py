@@ -202,6 +202,10 @@ class Lab:
         missing = missing_requirements()
         if missing:
             raise LabError("the lab needs " + ", ".join(missing))
+        taken = [ns for ns in self.namespaces.values() if (NETNS_RUN / ns).exists()]
+        if taken or (OWNER_DIR / self.prefix).exists():
+            # never adopt (and later delete) someone else's namespaces
+            raise LabError(f"lab prefix {self.prefix!r} is in use: {', '.join(taken)}")
         self._started = True
         atexit.register(self.close)
         OWNER_DIR.mkdir(parents=True, exist_ok=True)
@@ -224,23 +228,8 @@ class Lab:
             _check(["ip", "-n", ns, "link", "set", "lo", "up"])
         for a, b, pairs in _LINKS:
             dev_a, dev_b = self.device(a, b), self.device(b, a)
-            _check(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    dev_a,
-                    "netns",
-                    self.ns(a),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    dev_b,
-                    "netns",
-                    self.ns(b),
-                ]
-            )
+            peer = ["peer", "name", dev_b, "netns", self.ns(b)]
+            _check(["ip", "link", "add", dev_a, "netns", self.ns(a), "type", "veth", *peer])
             for addr_a, addr_b in pairs:
                 extra = ["nodad"] if ":" in addr_a else []
                 _check(["ip", "-n", self.ns(a), "addr", "add", addr_a, "dev", dev_a, *extra])
@@ -289,7 +278,7 @@ class Lab:
             if self._closed:
                 return
             self._closed = True
-        for proc in reversed(self._procs):
+        for proc in reversed(list(self._procs)):
             self.stop(proc)
         if self._started:
             _remove_namespaces(self.namespaces.values())

@@ -21,7 +21,7 @@ def _render_fields(fields: dict[str, Any]) -> str:
     parts = []
     for key, value in fields.items():
         text = str(value)
-        if not text or any(c in text for c in ' "='):
+        if not text or not text.isprintable() or any(c in text for c in ' "='):
             text = json.dumps(text)
         parts.append(f"{key}={text}")
     return " ".join(parts)

@@ -40,6 +40,7 @@ class Half(asyncio.Protocol):
 
     __slots__ = (
         "closed",
+        "early",
         "eof",
         "name",
         "peer",
@@ -58,6 +59,7 @@ class Half(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.reading_paused = False
+        self.early: list[bytes] = []  # read before the peer's transport existed
 
     def attach(self, transport: asyncio.Transport) -> None:
         """Adopt a transport that was made for another protocol (the CONNECT handshake)."""
@@ -73,14 +75,20 @@ class Half(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        peer = self.peer.transport
+        if peer is None:
+            self.early.append(data)
+            self.pause_reading()
+            return
         try:
-            self.peer.transport.write(data)
+            peer.write(data)
         except (RuntimeError, OSError):
             self.relay.fail(self.peer, "error")
 
     def eof_received(self) -> bool:
         self.eof = True
-        self.relay.half_eof(self)
+        if self.peer.transport is not None:
+            self.relay.half_eof(self)
         return True  # keep our write side open: the other direction may still be flowing
 
     def pause_writing(self) -> None:
@@ -164,11 +172,17 @@ class Relay(RelayBase):
         self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket
     ) -> None:
         """Wrap both sockets in transports; the upstream waits until the client side exists."""
-        await loop.create_connection(lambda: self.upstream, sock=upstream)
+        up = self.upstream
+        await loop.create_connection(lambda: up, sock=upstream)
         await loop.connect_accepted_socket(lambda: self.client, client)
-        if self.upstream.closed:
+        for chunk in up.early:
+            self.client.transport.write(chunk)
+        up.early.clear()
+        if up.closed:
             self.fail(self.client, self.end or "upstream-reset")
-        self.upstream.resume_reading()
+        elif up.eof:
+            self.half_eof(up)
+        up.resume_reading()
 
     @property
     def bytes_up(self) -> int:

@@ -33,6 +33,7 @@ UPSTREAM_REFRESH = 60.0
 BACKOFF_FIRST = 0.01
 BACKOFF_MAX = 1.0
 BACKOFF_LOG_EVERY = 10.0
+FD_HEADROOM = 8  # a tunnel needs up to 6: two sockets and, while busy, two pipes
 _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -107,6 +108,9 @@ class Server:
         self.exhausted_logged = 0.0
         self.last_status = ""
         self.upstream_resolved = 0.0
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 30
+        self.fd_base = len(os.listdir("/proc/self/fd"))
 
     # Lifecycle
 
@@ -185,8 +189,16 @@ class Server:
             if sock.fileno() >= 0:
                 loop.remove_reader(sock.fileno())
 
+    def fds_in_use(self) -> int:
+        """Descriptors we hold, counted without a syscall: base, two per tunnel, pipes."""
+        return self.fd_base + 2 * self.hub.connections + 2 * splice.POOL.open
+
     def on_readable(self, lsock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self.fds_in_use() + FD_HEADROOM >= self.fd_limit:
+                # Leave the client in the backlog rather than accept it and fail its upstream.
+                self.exhausted(OSError(errno.EMFILE, "descriptor budget reached"))
+                return
             try:
                 conn, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from handyproxy.relay import RelayBase, reset_socket
 
 PIPE_SIZE = 256 * 1024
+COPY_CHUNK = 64 * 1024
 POOL_MAX = 64
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _RESETS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
@@ -32,11 +33,13 @@ class PipePool:
         self.size = size
         self.keep = keep
         self.free: list[tuple[int, int]] = []
+        self.open = 0  # pipes in use or kept, for the server's descriptor budget
 
     def get(self) -> tuple[int, int]:
         if self.free:
             return self.free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.open += 1
         with contextlib.suppress(OSError):  # over the per-user pipe budget: keep the default
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
         return r, w
@@ -48,10 +51,10 @@ class PipePool:
         else:
             self.discard(pipe)
 
-    @staticmethod
-    def discard(pipe: tuple[int, int]) -> None:
+    def discard(self, pipe: tuple[int, int]) -> None:
         os.close(pipe[0])
         os.close(pipe[1])
+        self.open -= 1
 
 
 POOL = PipePool()
@@ -72,7 +75,8 @@ def available() -> str | None:
         a.close()
         b.close()
         if pipe is not None:
-            PipePool.discard(pipe)
+            os.close(pipe[0])
+            os.close(pipe[1])
     return None
 
 
@@ -80,6 +84,7 @@ class Direction:
     """One direction of a tunnel: ``src`` is read, ``dst`` is written."""
 
     __slots__ = (
+        "buf",
         "dst",
         "dst_name",
         "eof",
@@ -105,6 +110,7 @@ class Direction:
         self.src_name = src_name
         self.dst_name = dst_name
         self.pipe: tuple[int, int] | None = None
+        self.buf: bytes | None = None  # user-space fallback when no pipe can be had
         self.pending = 0
         self.moved = 0
         self.eof = False
@@ -124,7 +130,11 @@ class Direction:
 
     def on_readable(self) -> None:
         if self.pipe is None:
-            self.pipe = POOL.get()
+            try:
+                self.pipe = POOL.get()
+            except OSError:  # out of descriptors: copy this chunk instead of stalling
+                self.copy_chunk()
+                return
         try:
             n = os.splice(self.src, self.pipe[1], PIPE_SIZE, flags=_FLAGS)
         except BlockingIOError:
@@ -133,6 +143,20 @@ class Direction:
         except OSError as exc:
             self.relay.failed(self.src_name, exc)
             return
+        self.moved_in(n)
+
+    def copy_chunk(self) -> None:
+        try:
+            data = os.read(self.src, COPY_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.relay.failed(self.src_name, exc)
+            return
+        self.buf = data
+        self.moved_in(len(data))
+
+    def moved_in(self, n: int) -> None:
         if n == 0:
             self.eof = True
             self.stop_reading()
@@ -142,11 +166,13 @@ class Direction:
         self.flush()
 
     def flush(self) -> None:
-        pipe = self.pipe
         while self.pending:
-            assert pipe is not None
             try:
-                n = os.splice(pipe[0], self.dst, self.pending, flags=_FLAGS)
+                if self.buf is not None:
+                    n = os.write(self.dst, self.buf[-self.pending :])
+                else:
+                    assert self.pipe is not None
+                    n = os.splice(self.pipe[0], self.dst, self.pending, flags=_FLAGS)
             except BlockingIOError:
                 self.stop_reading()  # the destination is full: stop taking more
                 if not self.writing:
@@ -160,6 +186,7 @@ class Direction:
         if self.writing:
             self.writing = False
             self.loop.remove_writer(self.dst)
+        self.buf = None
         self.release_pipe()
         if self.eof:
             if not self.shut:
@@ -186,7 +213,7 @@ class Direction:
             self.loop.remove_writer(self.dst)
         if self.pipe is not None:
             if self.pending:
-                PipePool.discard(self.pipe)
+                POOL.discard(self.pipe)
             else:
                 POOL.put(self.pipe)
             self.pipe = None

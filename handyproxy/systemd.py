@@ -61,8 +61,8 @@ def listen_fds() -> list[socket.socket]:
     """Sockets passed by socket activation (LISTEN_FDS), or [] when there are none for us."""
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
-    if not count or (pid and pid != str(os.getpid())):
-        return []
+    if not count or pid != str(os.getpid()):
+        return []  # as sd_listen_fds(3): without our pid they were meant for someone else
     try:
         n = int(count)
     except ValueError:
