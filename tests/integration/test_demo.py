@@ -1,0 +1,63 @@
+"""``handyproxy demo`` is the README's first command: it must work and leave nothing behind."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ProcessLog
+
+from handyproxy import demo
+
+pytestmark = pytest.mark.integration
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def lab_namespaces(output: str) -> list[str]:
+    match = re.search(r"namespaces: (.*)", output)
+    assert match, output
+    return match.group(1).split(", ")
+
+
+def test_demo_prints_the_origins_response_and_exits_zero():
+    proc = subprocess.run(
+        [sys.executable, "-m", "handyproxy", "demo"], capture_output=True, text=True, timeout=60
+    )
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.count(f"client     | {demo.GREETING}") == 2  # IPv4 and IPv6
+    assert "origin     | " in out and '"GET / HTTP/1.1" 200' in out
+    assert re.search(r"upstream   \| .*CONNECT 198\.18\.0\.2:80 .*status=200", out)
+    assert re.search(r"upstream   \| .*CONNECT \[2001:db8:18::2\]:80 .*status=200", out)
+    assert re.search(r"router     \| .*tunnel end .*dst=198\.18\.0\.2:80 .*status=200", out)
+    left = [ns for ns in lab_namespaces(out) if ns in namespaces().split()]
+    assert not left, f"the demo left namespaces behind: {left}"
+
+
+def test_demo_removes_its_lab_on_ctrl_c():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "handyproxy", "demo", "--keep"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    log = ProcessLog(proc.stdout)
+    try:
+        log.wait_for("The lab stays up", timeout=60)
+        names = lab_namespaces(log.text())
+        assert all(ns in namespaces().split() for ns in names)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode in (0, 130), log.text()
+    left = [ns for ns in names if ns in namespaces().split()]
+    assert not left, f"Ctrl-C left namespaces behind: {left}"
