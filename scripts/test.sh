@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one test command (CI runs exactly this): installs what the tests need, then runs the linters,
+# pytest (unit, integration on network namespaces, reliability) and every Molecule scenario.
+#   scripts/test.sh            everything
+#   scripts/test.sh --no-molecule   skip the container scenarios (quick local loop)
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+need_root "containers"
+cd "$REPO"
+started=$SECONDS
+
+molecule=1
+[ "${1:-}" = "--no-molecule" ] && molecule=0
+
+apt_install iproute2 nftables iptables squid tinyproxy curl openssl socat procps util-linux \
+    ca-certificates docker.io debootstrap
+make_venv "$REPO/requirements-dev.txt"
+export PATH="$VENV/bin:$PATH"
+
+say "lint: ruff, yamllint, ansible-lint, argument specs"
+ruff check .
+ruff format --check .
+yamllint -s ansible molecule .config
+(cd ansible && ansible-lint --profile production)
+python scripts/check-argument-specs.py
+
+say "pytest"
+pytest -q tests
+
+if [ "$molecule" = 1 ]; then
+    say "molecule"
+    scripts/molecule.sh
+fi
+say "all tests passed in $((SECONDS - started))s"
