@@ -77,6 +77,11 @@ def setup(fmt: str = "text", level: str = "info", stream: Any = None) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter(timestamps="JOURNAL_STREAM" not in os.environ))
+    # Records need none of these, and each costs a syscall or a lookup per tunnel.
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False
     root = logging.getLogger("handyproxy")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -8,6 +8,8 @@ client, and logged once.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -128,10 +130,20 @@ class Tunnel:
         try:
             async with asyncio.timeout(cfg.dial_timeout):
                 sock = await self.dial(loop)
-                await loop.sock_sendall(sock, connect.build_request(host, port))
+                request = connect.build_request(host, port)
+                try:
+                    sent = sock.send(request)  # a fresh socket takes a few hundred bytes at once
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(request):
+                    await loop.sock_sendall(sock, request[sent:])
                 buf = b""
                 while True:
-                    chunk = await loop.sock_recv(sock, READ_SIZE)
+                    try:
+                        chunk = sock.recv(READ_SIZE)
+                    except BlockingIOError:
+                        await ready(loop, sock.fileno(), write=False)
+                        continue
                     if not chunk:
                         raise connect.ConnectError("upstream closed before its reply ended")
                     buf += chunk
@@ -172,7 +184,14 @@ class Tunnel:
                 raise connect.ConnectError(f"cannot open a socket: {exc.strerror}") from None
             sock.setblocking(False)
             try:
-                await loop.sock_connect(sock, sockaddr)
+                # Not loop.sock_connect: uvloop resolves the (already numeric) address again
+                # in its thread pool for every call.
+                err = sock.connect_ex(sockaddr)
+                if err == errno.EINPROGRESS:
+                    await ready(loop, sock.fileno(), write=True)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
             except OSError as exc:
                 sock.close()
                 errors.append(f"{sockaddr[0]}: {exc.strerror or exc}")
@@ -244,6 +263,27 @@ class Tunnel:
         if reason:
             fields["reason"] = reason
         access.info("tunnel end", extra={"fields": fields})
+
+
+async def ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+    """Wait until ``fd`` is readable or writable (a connect finished, a reply arrived)."""
+    fut = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 async def sniff(sock: socket.socket, timeout: float, max_bytes: int) -> tuple[bytes, str | None]:
