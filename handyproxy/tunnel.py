@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import time
@@ -249,6 +250,8 @@ class Tunnel:
                 hub.per_client.pop(self.client_ip, None)
 
     def log(self, end: str, reason: str | None = None) -> None:
+        if not access.isEnabledFor(logging.INFO):
+            return
         relay = self.relay
         fields = {
             "client": self.client,
