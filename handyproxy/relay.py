@@ -42,6 +42,7 @@ class Half(asyncio.Protocol):
         "closed",
         "early",
         "eof",
+        "held",
         "name",
         "peer",
         "reading_paused",
@@ -59,7 +60,8 @@ class Half(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.reading_paused = False
-        self.early: list[bytes] = []  # read before the peer's transport existed
+        self.early: list[bytes] = []  # read while held, before the peer could take it
+        self.held = False
 
     def attach(self, transport: asyncio.Transport) -> None:
         """Adopt a transport that was made for another protocol (the CONNECT handshake)."""
@@ -70,24 +72,20 @@ class Half(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.attach(transport)  # type: ignore[arg-type]
-        if self.peer.transport is None:
-            self.pause_reading()  # nowhere to put the bytes yet
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        peer = self.peer.transport
-        if peer is None:
+        if self.held:
             self.early.append(data)
-            self.pause_reading()
             return
         try:
-            peer.write(data)
+            self.peer.transport.write(data)
         except (RuntimeError, OSError):
             self.relay.fail(self.peer, "error")
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer.transport is not None:
+        if not self.held:
             self.relay.half_eof(self)
         return True  # keep our write side open: the other direction may still be flowing
 
@@ -173,16 +171,17 @@ class Relay(RelayBase):
     ) -> None:
         """Wrap both sockets in transports; the upstream waits until the client side exists."""
         up = self.upstream
+        up.held = True  # until the client side exists, keep what arrives, in order
         await loop.create_connection(lambda: up, sock=upstream)
         await loop.connect_accepted_socket(lambda: self.client, client)
         for chunk in up.early:
             self.client.transport.write(chunk)
         up.early.clear()
+        up.held = False
         if up.closed:
             self.fail(self.client, self.end or "upstream-reset")
         elif up.eof:
             self.half_eof(up)
-        up.resume_reading()
 
     @property
     def bytes_up(self) -> int:

@@ -97,14 +97,35 @@ def test_both_transports_get_the_write_buffer_limits() -> None:
     assert LOW_WATER < HIGH_WATER
 
 
-def test_upstream_attached_first_waits_paused_until_the_client_exists() -> None:
+def test_upstream_bytes_and_eof_held_before_the_client_exists_arrive_first_and_in_order() -> None:
+    """uvloop may read before connection_made's pause takes effect, so a held upstream keeps
+    what arrives and start() delivers it ahead of anything later, then passes the EOF on."""
     relay = Relay(lambda r: None, 0.0)
-    ut = MockTransport("upstream")
+    ut, ct = MockTransport("upstream"), MockTransport("client")
+    relay.upstream.held = True
     relay.upstream.connection_made(ut)  # type: ignore[arg-type]
-    assert ut.paused
-    relay.client.connection_made(MockTransport("client"))  # type: ignore[arg-type]
-    relay.upstream.resume_reading()
-    assert not ut.paused
+    relay.upstream.data_received(b"220 banner\r\n")
+    relay.client.connection_made(ct)  # type: ignore[arg-type]
+    relay.upstream.data_received(b"more")  # arrives after the client exists, still held
+    relay.upstream.eof_received()
+    assert ct.data == b""
+    assert ct.eof_written == 0
+
+    async def adopt() -> None:
+        loop = FakeLoop()
+        await relay.start(loop, None, None)  # type: ignore[arg-type]
+
+    class FakeLoop:
+        async def create_connection(self, factory, sock):
+            return ut, factory()
+
+        async def connect_accepted_socket(self, factory, sock):
+            return ct, factory()
+
+    asyncio.run(adopt())
+    assert ct.data == b"220 banner\r\nmore"
+    assert ct.eof_written == 1
+    assert relay.bytes_down == len(b"220 banner\r\nmore")
 
 
 def test_data_flows_both_ways_and_is_counted() -> None:
