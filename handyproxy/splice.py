@@ -81,12 +81,18 @@ def available() -> str | None:
 
 
 class Direction:
-    """One direction of a tunnel: ``src`` is read, ``dst`` is written."""
+    """One direction of a tunnel: ``src`` is read, ``dst`` is written.
+
+    Reads drain the source until it would block: after an error on a descriptor, uvloop (libuv)
+    reports it once and stops polling it, so one callback must take the socket all the way to
+    its error or EOF.
+    """
 
     __slots__ = (
         "buf",
         "dst",
         "dst_name",
+        "dst_sock",
         "eof",
         "loop",
         "moved",
@@ -94,21 +100,31 @@ class Direction:
         "pipe",
         "reading",
         "relay",
+        "reverse",
         "shut",
         "src",
         "src_name",
+        "src_sock",
         "writing",
     )
 
     def __init__(
-        self, relay: SpliceRelay, src: int, dst: int, src_name: str, dst_name: str
+        self,
+        relay: SpliceRelay,
+        src: socket.socket,
+        dst: socket.socket,
+        src_name: str,
+        dst_name: str,
     ) -> None:
         self.relay = relay
         self.loop = relay.loop
-        self.src = src
-        self.dst = dst
+        self.src_sock = src
+        self.dst_sock = dst
+        self.src = src.fileno()
+        self.dst = dst.fileno()
         self.src_name = src_name
         self.dst_name = dst_name
+        self.reverse: Direction = None  # type: ignore[assignment]  # dst -> src
         self.pipe: tuple[int, int] | None = None
         self.buf: bytes | None = None  # user-space fallback when no pipe can be had
         self.pending = 0
@@ -121,7 +137,7 @@ class Direction:
     def start_reading(self) -> None:
         if not self.reading and not self.eof:
             self.reading = True
-            self.loop.add_reader(self.src, self.on_readable)
+            _watch(self.loop.add_reader, self.loop.remove_reader, self.src, self.on_readable)
 
     def stop_reading(self) -> None:
         if self.reading:
@@ -129,43 +145,62 @@ class Direction:
             self.loop.remove_reader(self.src)
 
     def on_readable(self) -> None:
-        if self.pipe is None:
+        while self.reading:
+            if self.pipe is None:
+                try:
+                    self.pipe = POOL.get()
+                except OSError:  # out of descriptors: copy this chunk instead of stalling
+                    if not self.copy_chunk():
+                        return
+                    continue
             try:
-                self.pipe = POOL.get()
-            except OSError:  # out of descriptors: copy this chunk instead of stalling
-                self.copy_chunk()
+                n = os.splice(self.src, self.pipe[1], PIPE_SIZE, flags=_FLAGS)
+            except BlockingIOError:
+                self.release_pipe()
                 return
-        try:
-            n = os.splice(self.src, self.pipe[1], PIPE_SIZE, flags=_FLAGS)
-        except BlockingIOError:
-            self.release_pipe()
-            return
-        except OSError as exc:
-            self.relay.failed(self.src_name, exc)
-            return
-        self.moved_in(n)
+            except OSError as exc:
+                self.relay.failed(self.src_name, exc)
+                return
+            if n == 0:
+                self.source_ended()
+                return
+            self.moved += n
+            self.pending += n
+            if not self.flush():
+                return
 
-    def copy_chunk(self) -> None:
+    def copy_chunk(self) -> bool:
+        """Move one chunk through user space; True when the caller may read on."""
         try:
             data = os.read(self.src, COPY_CHUNK)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             self.relay.failed(self.src_name, exc)
-            return
+            return False
+        if not data:
+            self.source_ended()
+            return False
         self.buf = data
-        self.moved_in(len(data))
+        self.moved += len(data)
+        self.pending = len(data)
+        return self.flush()
 
-    def moved_in(self, n: int) -> None:
-        if n == 0:
-            self.eof = True
-            self.stop_reading()
-        else:
-            self.moved += n
-            self.pending += n
+    def source_ended(self) -> None:
+        """Read returned 0: a FIN, or a reset whose error the other direction already took.
+
+        Without our own FIN on this socket, a peer's FIN leaves it in CLOSE_WAIT; CLOSE means
+        the connection was reset, and the client must see a reset too, never a clean end.
+        """
+        if not self.reverse.shut and _tcp_state(self.src_sock) == TCP_CLOSE:
+            self.relay.failed(self.src_name, ConnectionResetError(errno.ECONNRESET, "reset"))
+            return
+        self.eof = True
+        self.stop_reading()
         self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write what is pending; True when all is out and reading may go on."""
         while self.pending:
             try:
                 if self.buf is not None:
@@ -177,11 +212,13 @@ class Direction:
                 self.stop_reading()  # the destination is full: stop taking more
                 if not self.writing:
                     self.writing = True
-                    self.loop.add_writer(self.dst, self.flush)
-                return
+                    _watch(
+                        self.loop.add_writer, self.loop.remove_writer, self.dst, self.on_writable
+                    )
+                return False
             except OSError as exc:
                 self.relay.failed(self.dst_name, exc)
-                return
+                return False
             self.pending -= n
         if self.writing:
             self.writing = False
@@ -192,13 +229,18 @@ class Direction:
             if not self.shut:
                 self.shut = True
                 try:
-                    socket_shutdown(self.dst)
+                    self.dst_sock.shutdown(socket.SHUT_WR)
                 except OSError as exc:
                     self.relay.failed(self.dst_name, exc)
-                    return
+                    return False
                 self.relay.direction_done()
-        else:
+            return False
+        return True
+
+    def on_writable(self) -> None:
+        if self.flush():
             self.start_reading()
+            self.on_readable()  # bytes may be waiting already; take them now
 
     def release_pipe(self) -> None:
         if self.pipe is not None and self.pending == 0:
@@ -219,13 +261,28 @@ class Direction:
             self.pipe = None
 
 
-def socket_shutdown(fd: int) -> None:
-    """Send FIN on ``fd`` without wrapping it in a socket object that would own it."""
-    sock = socket.socket(fileno=fd)
+TCP_CLOSE = 7  # include/net/tcp_states.h
+
+
+def _tcp_state(sock: socket.socket) -> int:
     try:
-        sock.shutdown(socket.SHUT_WR)
-    finally:
-        sock.detach()
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return TCP_CLOSE
+
+
+def _watch(
+    add: Callable[..., object],
+    remove: Callable[[int], object],
+    fd: int,
+    callback: Callable[[], None],
+) -> None:
+    """Register ``callback``; uvloop keeps a poll it closed after an error, so drop it first."""
+    try:
+        add(fd, callback)
+    except RuntimeError:
+        remove(fd)
+        add(fd, callback)
 
 
 class SpliceRelay(RelayBase):
@@ -245,8 +302,10 @@ class SpliceRelay(RelayBase):
         self.loop = loop
         self.client = client
         self.upstream = upstream
-        self.up = Direction(self, client.fileno(), upstream.fileno(), "client", "upstream")
-        self.down = Direction(self, upstream.fileno(), client.fileno(), "upstream", "client")
+        self.up = Direction(self, client, upstream, "client", "upstream")
+        self.down = Direction(self, upstream, client, "upstream", "client")
+        self.up.reverse = self.down
+        self.down.reverse = self.up
         self.up.start_reading()
         self.down.start_reading()
 
