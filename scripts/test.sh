@@ -25,7 +25,7 @@ yamllint -s ansible molecule .config
 python scripts/check-argument-specs.py
 
 say "pytest"
-pytest -q tests
+pytest -q tests ansible/roles/handyproxy/tests
 
 if [ "$molecule" = 1 ]; then
     say "molecule"
