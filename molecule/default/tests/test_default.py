@@ -1,0 +1,180 @@
+"""Scenario `default`: one host, two instances, OUTPUT capture, traffic through real tinyproxies.
+
+The host's own `curl` to the origin must arrive through the right upstream: the origin sits on a
+network only the proxy container reaches, so an answer at all proves the detour, and the origin
+reports the proxy's address as its peer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import helpers
+import pytest
+
+testinfra_hosts = helpers.hosts_in("handyproxy")
+
+LAB = helpers.lab()
+INSTANCES = helpers.host_vars(testinfra_hosts[0])["handyproxy_instances"]
+PORTS = {instance["name"]: instance["local_port"] for instance in INSTANCES}
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    return helpers.host_in("proxy")
+
+
+@pytest.mark.parametrize("name", sorted(PORTS))
+def test_instance_unit_is_enabled_and_active(host, name):
+    service = host.service(f"handyproxy@{name}.service")
+    assert service.is_enabled
+    assert service.is_running
+
+
+def test_rules_unit_is_enabled_and_has_loaded_the_table(host):
+    service = host.service("handyproxy-nftables.service")
+    assert service.is_enabled
+    assert host.run("systemctl is-active handyproxy-nftables.service").stdout.strip() == "active"
+
+
+@pytest.mark.parametrize("name", sorted(PORTS))
+def test_instance_listens_on_its_port_as_the_service_user(host, name):
+    port = PORTS[name]
+    assert host.socket(f"tcp://{port}").is_listening
+    pid = host.check_output("systemctl show -p MainPID --value handyproxy@%s.service", name)
+    assert pid != "0"
+    assert host.check_output("ps -o user= -p %s", pid) == "handyproxy"
+    # `ss -p` cannot see another user's sockets without CAP_SYS_PTRACE; the owner uid can.
+    uid = host.user("handyproxy").uid
+    assert f"uid:{uid} " in host.check_output("ss -Hltne sport = :%s", str(port))
+
+
+def test_no_other_port_is_listened_on_by_the_forwarder(host):
+    uid = host.user("handyproxy").uid
+    ports = {
+        int(line.split()[3].rsplit(":", 1)[1])
+        for line in host.check_output("ss -Hltne").splitlines()
+        if f"uid:{uid} " in line
+    }
+    assert ports == set(PORTS.values())
+
+
+def test_table_holds_exactly_the_expected_rules(host):
+    table = helpers.nft_table(host)
+    assert table is not None, "table inet handyproxy is missing"
+    assert table.chains["output"]["hook"] == "output"
+    assert table.chains["output"]["type"] == "nat"
+    assert table.redirects() == helpers.expected_redirects(INSTANCES), "\n".join(
+        map(str, table.rules)
+    )
+    uid = host.user("handyproxy").uid
+    output_guards = {str(rule) for rule in table.in_chain("output") if rule.verdict == "return"}
+    assert output_guards == {
+        f"output: [any] meta skuid == {uid} return comment=''",
+        "output: [any] fib daddr type == local return comment=''",
+        f"output: [ipv4] ip daddr == {LAB['proxy_front4']} return comment=''",
+    }
+    # The guards come before every redirect, or the forwarder's own connections would loop.
+    verdicts = [rule.verdict for rule in table.in_chain("output")]
+    assert verdicts[: len(output_guards)] == ["return"] * len(output_guards)
+    # No capture rule asks for prerouting: that chain only skips local destinations.
+    assert [rule.verdict for rule in table.in_chain("prerouting")] in ([], ["return"])
+
+
+def test_role_touches_no_other_table(host):
+    # Docker's own `ip nat` table (embedded DNS) is there too and must survive the role.
+    assert ("ip", "nat") in helpers.nft_tables(host)
+    assert ("inet", "handyproxy") in helpers.nft_tables(host)
+
+
+@pytest.mark.parametrize("name", sorted(PORTS))
+def test_instance_config_file_is_private_to_the_service(host, name):
+    config = host.file(f"/etc/handyproxy/{name}.toml")
+    assert config.user == "root"
+    assert config.group == "handyproxy"
+    assert config.mode & 0o007 == 0, oct(config.mode)
+    assert f"local-port = {PORTS[name]}" in config.content_string
+    instance = next(i for i in INSTANCES if i["name"] == name)
+    assert f'upstream-proxy = "{instance["upstream_proxy"]}"' in config.content_string
+
+
+def test_installed_files_have_safe_owners_and_modes(host):
+    for path, mode in [
+        ("/etc/systemd/system/handyproxy@.service", 0o644),
+        ("/etc/systemd/system/handyproxy-nftables.service", 0o644),
+        ("/etc/handyproxy/handyproxy.nft", 0o644),
+    ]:
+        f = host.file(path)
+        assert f.is_file, path
+        assert (f.user, f.mode) == ("root", mode), f"{path}: {f.user} {oct(f.mode)}"
+    binary = host.file("/opt/handyproxy/venv/bin/handyproxy")
+    assert binary.exists
+    assert binary.user == "root"
+    assert not host.file("/opt/handyproxy/venv").mode & 0o022
+    version = host.check_output("/opt/handyproxy/venv/bin/handyproxy -version")
+    assert version.startswith("handyproxy ")
+
+
+def test_service_user_is_a_locked_system_account(host):
+    user = host.user("handyproxy")
+    assert user.exists
+    assert user.uid < 1000
+    assert user.shell in ("/usr/sbin/nologin", "/bin/false")
+
+
+def test_plain_http_from_the_host_goes_through_the_first_upstream(host, proxy):
+    origin = LAB["origin4"]
+    peer = host.check_output("curl -sS --max-time 15 http://%s/whoami", origin)
+    # The origin saw the proxy's address on the back network, not the host's.
+    assert peer.removeprefix("::ffff:") == LAB["proxy_back4"]
+    log = proxy.check_output("cat /var/log/tinyproxy/alpha.log")
+    assert f"CONNECT {origin}:80 " in log
+    assert f"CONNECT {origin}:80 " not in proxy.run("cat /var/log/tinyproxy/beta.log").stdout
+
+
+def test_https_by_name_goes_through_the_second_upstream_as_a_sniffed_name(host, proxy):
+    origin = LAB["origin4"]
+    peer = host.check_output(
+        "curl -sS --max-time 15 -k --resolve origin.test:443:%s https://origin.test/whoami",
+        origin,
+    )
+    assert peer.removeprefix("::ffff:") == LAB["proxy_back4"]
+    log = proxy.check_output("cat /var/log/tinyproxy/beta.log")
+    # The forwarder read the TLS client hello and asked for the name, not the address.
+    assert "CONNECT origin.test:443 " in log
+
+
+def test_https_over_ipv6_is_captured_too(host, proxy):
+    origin6 = LAB["origin6"]
+    peer = host.check_output("curl -sS -6 --max-time 15 -k %s", f"https://[{origin6}]/whoami")
+    assert peer == LAB["proxy_back6"]
+    log = proxy.check_output("cat /var/log/tinyproxy/beta.log")
+    assert f"CONNECT [{origin6}]:443 " in log
+
+
+def test_forwarder_logs_one_access_record_per_tunnel(host):
+    def tls_records() -> list[dict]:
+        journal = host.check_output("journalctl --no-pager -o cat -u handyproxy@tls.service")
+        return [json.loads(line) for line in journal.splitlines() if '"tunnel end"' in line]
+
+    # Two HTTPS fetches above (IPv4 by name, IPv6); journald takes the lines asynchronously.
+    assert helpers.wait_until(lambda: len(tls_records()) >= 2, timeout=10), tls_records()
+    records = tls_records()
+    assert all(record["status"] == 200 and record["end"] == "eof" for record in records), records
+    assert {record["target"] for record in records} == {
+        "origin.test:443",
+        f"[{LAB['origin6']}]:443",
+    }
+    wanted = f"dst={LAB['origin4']}:80 target={LAB['origin4']}:80 status=200"
+
+    def web_logged() -> bool:
+        return wanted in host.check_output("journalctl --no-pager -o cat -u handyproxy@web.service")
+
+    assert helpers.wait_until(web_logged, timeout=10)
+
+
+def test_the_host_cannot_reach_the_origin_without_the_forwarder(host):
+    # Port 8080 is captured by no instance: the connection goes straight out and must fail,
+    # which is what makes the successful fetches above proof of the detour.
+    result = host.run("curl -sS --max-time 5 http://%s:8080/", LAB["origin4"])
+    assert result.rc != 0

@@ -1,0 +1,183 @@
+"""Scenario `lifecycle`: inventory changes, restarts and removal on one host, in order.
+
+molecule has converged the inventory in molecule.yml (four instances).
+The tests below run in file order and each builds on the state the previous one left: they drive
+ansible-playbook against molecule's own inventory with the changed inventory (vars/changed.yml),
+restart nftables.service and the container, and finally remove the role (vars/absent.yml).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helpers
+import pytest
+import yaml
+
+testinfra_hosts = helpers.hosts_in("handyproxy")
+# Every test takes the `host` fixture, even when it does not use it: pytest groups the tests of
+# a parametrized fixture together, and a test without it would be moved after all the others.
+HOST_NAME = testinfra_hosts[0]
+
+SCENARIO = Path(__file__).resolve().parent.parent
+PLAYBOOK = SCENARIO.parent / "shared" / "converge.yml"
+BEFORE: list[dict[str, Any]] = helpers.host_vars(HOST_NAME)["handyproxy_instances"]
+AFTER: list[dict[str, Any]] = yaml.safe_load((SCENARIO / "vars" / "changed.yml").read_text())[
+    "handyproxy_instances"
+]
+BYSTANDER = (
+    "table inet bystander { chain input { type filter hook input priority 0; policy accept; }; }"
+)
+
+# Main PIDs recorded before the change, to tell restarted instances from untouched ones.
+PIDS: dict[str, str] = {}
+
+
+def playbook(*args: str) -> tuple[int, int, str]:
+    """Run the scenario's converge playbook with extra arguments: (rc, changed count, output)."""
+    command = [
+        "ansible-playbook",
+        "-i",
+        os.environ["MOLECULE_INVENTORY_FILE"],
+        str(PLAYBOOK),
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    output = result.stdout + result.stderr
+    recap = re.search(rf"^{re.escape(HOST_NAME)}\s*:.*?changed=(\d+)", output, re.MULTILINE)
+    assert recap, f"no recap for {HOST_NAME} in:\n{output[-4000:]}"
+    return result.returncode, int(recap.group(1)), output
+
+
+def main_pid(host, name: str) -> str:
+    return host.check_output("systemctl show -p MainPID --value handyproxy@%s.service", name)
+
+
+def listening_ports(host) -> set[int]:
+    uid = host.user("handyproxy").uid
+    return {
+        int(line.split()[3].rsplit(":", 1)[1])
+        for line in host.check_output("ss -Hltne").splitlines()
+        if f"uid:{uid} " in line
+    }
+
+
+def assert_serving(host, instances: list[dict[str, Any]]) -> None:
+    """Exactly these instances run, listen, have their config, and the table matches them."""
+    names = sorted(i["name"] for i in instances)
+    running = host.check_output(
+        "systemctl list-units --no-legend --plain --state=running 'handyproxy@*.service'"
+    )
+    assert sorted(re.findall(r"handyproxy@([\w-]+)\.service", running)) == names
+    enabled = host.check_output("ls /etc/systemd/system/multi-user.target.wants/")
+    assert sorted(re.findall(r"handyproxy@([\w-]+)\.service", enabled)) == names
+    configs = host.check_output("ls /etc/handyproxy")
+    assert sorted(re.findall(r"^([\w-]+)\.toml$", configs, re.MULTILINE)) == names
+    assert listening_ports(host) == {i["local_port"] for i in instances}
+    table = helpers.nft_table(host)
+    assert table is not None, "table inet handyproxy is missing"
+    assert table.redirects() == helpers.expected_redirects(instances), "\n".join(
+        map(str, table.rules)
+    )
+
+
+def test_first_inventory_is_served(host):
+    assert_serving(host, BEFORE)
+    for instance in BEFORE:
+        PIDS[instance["name"]] = main_pid(host, instance["name"])
+
+
+def test_check_mode_reports_the_change_and_changes_nothing(host):
+    rc, changed, output = playbook("--check", "-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+    assert rc == 0, output[-4000:]
+    assert changed > 0, "check mode saw nothing to change"
+    assert_serving(host, BEFORE)
+    assert {i["name"]: main_pid(host, i["name"]) for i in BEFORE} == PIDS
+
+
+def test_changed_inventory_converges(host):
+    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+    assert rc == 0, output[-4000:]
+    assert changed > 0
+
+
+def test_changed_inventory_converges_again_without_changes(host):
+    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+    assert rc == 0, output[-4000:]
+    assert changed == 0, output[-6000:]
+
+
+def test_nothing_of_the_old_inventory_is_left(host):
+    assert_serving(host, AFTER)
+    assert not host.file("/etc/handyproxy/drop.toml").exists
+    assert host.run("systemctl is-active handyproxy@drop.service").stdout.strip() != "active"
+    switch = host.file("/etc/handyproxy/switch.toml").content_string
+    assert 'upstream-proxy = "198.51.100.12:8080"' in switch
+    move = host.file("/etc/handyproxy/move.toml").content_string
+    assert "local-port = 18013" in move
+
+
+def test_only_changed_instances_were_restarted(host):
+    assert main_pid(host, "keep") == PIDS["keep"]
+    assert main_pid(host, "switch") != PIDS["switch"]
+    assert main_pid(host, "move") != PIDS["move"]
+
+
+def test_rules_come_back_after_nftables_restart(host):
+    host.check_output("systemctl restart nftables.service")
+    # nftables.service flushes the whole ruleset; handyproxy-nftables.service reloads ours.
+    assert helpers.wait_until(lambda: helpers.nft_table(host) is not None, timeout=20)
+    assert_serving(host, AFTER)
+
+
+@pytest.fixture()
+def restarted(host):
+    subprocess.run(["docker", "restart", "-t", "30", HOST_NAME], check=True, timeout=120)
+
+    def booted() -> bool:
+        # Right after the restart systemd may not answer on its bus yet: poll.
+        state = host.run("systemctl is-system-running").stdout.strip()
+        return state in ("running", "degraded")
+
+    assert helpers.wait_until(booted, timeout=90), host.run("systemctl --failed").stdout
+    return host
+
+
+def test_rules_and_services_come_back_after_a_container_restart(restarted):
+    host = restarted
+    assert helpers.wait_until(lambda: helpers.nft_table(host) is not None, timeout=30)
+    assert helpers.wait_until(lambda: len(listening_ports(host)) == len(AFTER), timeout=30)
+    assert_serving(host, AFTER)
+
+
+def test_absent_removes_everything_and_leaves_other_rules_alone(host):
+    host.check_output("nft %s", BYSTANDER)
+    before = host.check_output("nft list table inet bystander")
+    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'absent.yml'}")
+    assert rc == 0, output[-4000:]
+    assert changed > 0
+    assert helpers.nft_table(host) is None, "table inet handyproxy is still there"
+    assert host.check_output("nft list table inet bystander") == before
+    # Both exit 1 when nothing matches, which is the point.
+    assert host.run("systemctl list-unit-files --no-legend 'handyproxy*'").stdout.strip() == ""
+    assert host.run("systemctl list-units --all --no-legend 'handyproxy*'").stdout.strip() == ""
+    for path in (
+        "/etc/handyproxy",
+        "/opt/handyproxy",
+        "/etc/systemd/system/handyproxy@.service",
+        "/etc/systemd/system/handyproxy-nftables.service",
+    ):
+        assert not host.file(path).exists, path
+    # The image's own journald drop-in (scripts/build-image.sh) is not the role's.
+    leftovers = host.check_output(
+        "find /etc /run/systemd/system /usr/local /var/lib/systemd -name '*handyproxy*'"
+        " ! -name handyproxy-molecule.conf"
+    )
+    assert leftovers == ""
+    assert not host.user("handyproxy").exists
+    assert not host.group("handyproxy").exists
+    assert host.check_output("ss -Hltn | grep -c ':1800[0-9]\\|:18013' || true") == "0"

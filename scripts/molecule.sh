@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Run every Molecule scenario (molecule/*/molecule.yml) against real systemd containers.
+#
+# The one entry point the test command calls. It makes sure Docker runs (scripts/docker-setup.sh),
+# the base image exists (scripts/build-image.sh, cached), and the wheelhouse the role installs from
+# is built from this checkout (scripts/build-wheelhouse.sh); then it runs `molecule test` for each
+# scenario in turn with the venv's tools and prints how long each took. Exit status: non-zero when
+# any step or scenario failed.
+#
+# Usage: scripts/molecule.sh [SCENARIO...]      (default: every scenario under molecule/)
+# Environment: VENV (default <repo>/.venv), HPM_ID (suffix of container and network names;
+# default random), MOLECULE_ARGS (extra arguments for `molecule test`, e.g. --destroy=never).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+LOCK=/run/lock/handyproxy-molecule.lock
+
+log() { printf 'molecule.sh: %s\n' "$*" >&2; }
+
+[[ -x $VENV/bin/molecule ]] || { log "no molecule in $VENV (run the test command's setup)"; exit 1; }
+export PATH=$VENV/bin:$PATH
+export VIRTUAL_ENV=$VENV
+# Names of containers and networks carry this suffix so that they cannot clash with anyone else's.
+HPM_ID=${HPM_ID:-$(head -c2 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+export HPM_ID
+# Debian's engine speaks API 1.41; the CLI in /usr/local/bin is newer and negotiates, the Python
+# SDK too, but pin it so that neither asks for more than the engine has.
+export DOCKER_API_VERSION=${DOCKER_API_VERSION:-1.41}
+export PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 NO_COLOR=1
+# molecule keeps its per-scenario state under this directory; inside the checkout it is ignored
+# by git (.cache/) and cannot collide with another checkout's.
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$ROOT/.cache}
+
+cd "$ROOT"
+
+# The scenarios use fixed test subnets, so two runs on one machine would fight over them: take
+# turns. The lock is released when this script exits, however it exits.
+mkdir -p "$(dirname "$LOCK")"
+exec 9>"$LOCK"
+if ! flock -n 9; then
+    log "another scenario run holds $LOCK; waiting for it"
+    flock 9
+fi
+
+t_setup=$SECONDS
+bash "$ROOT/scripts/docker-setup.sh"
+bash "$ROOT/scripts/build-image.sh"
+
+# Containers or networks that a killed run left behind (we hold the lock, so none is in use).
+stale=$(docker ps -aq --filter label=org.handyproxy.molecule)
+if [[ -n $stale ]]; then
+    log "removing containers left by an earlier run: $(echo $stale)"
+    docker rm -f $stale >/dev/null
+fi
+stale=$(docker network ls -q --filter label=org.handyproxy.molecule)
+if [[ -n $stale ]]; then
+    log "removing networks left by an earlier run"
+    docker network rm $stale >/dev/null
+fi
+
+if [[ -f $ROOT/scripts/build-wheelhouse.sh ]]; then
+    bash "$ROOT/scripts/build-wheelhouse.sh"
+else
+    log "scripts/build-wheelhouse.sh missing; building the wheelhouse with pip wheel"
+    mkdir -p "$ROOT/wheelhouse"
+    "$VENV/bin/python" -m pip wheel --disable-pip-version-check -q \
+        --wheel-dir "$ROOT/wheelhouse" "$ROOT"
+fi
+log "setup took $((SECONDS - t_setup))s"
+
+if (($# > 0)); then
+    scenarios=("$@")
+else
+    scenarios=()
+    for f in "$ROOT"/molecule/*/molecule.yml; do
+        scenarios+=("$(basename "$(dirname "$f")")")
+    done
+fi
+
+declare -A took result
+failed=0
+for s in "${scenarios[@]}"; do
+    log "scenario $s: molecule test (HPM_ID=$HPM_ID)"
+    t0=$SECONDS
+    # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
+    if molecule test -s "$s" ${MOLECULE_ARGS:-}; then
+        result[$s]=passed
+    else
+        result[$s]=FAILED
+        failed=1
+    fi
+    took[$s]=$((SECONDS - t0))
+    log "scenario $s: ${result[$s]} in ${took[$s]}s"
+done
+
+log "summary:"
+passed=0
+for s in "${scenarios[@]}"; do
+    printf 'molecule.sh:   %-10s %-7s %4ss\n' "$s" "${result[$s]}" "${took[$s]}" >&2
+    [[ ${result[$s]} == passed ]] && passed=$((passed + 1))
+done
+# The plain closing line CI reads: N passed, N failed.
+echo "molecule: ${passed} passed, $((${#scenarios[@]} - passed)) failed"
+exit "$failed"
