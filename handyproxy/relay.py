@@ -199,7 +199,7 @@ class Relay(RelayBase):
         peer = half.peer
         if not peer.closed:
             peer.transport.write_eof()  # sent once the peer's write buffer has drained
-        if peer.eof:
+        if peer.eof and not peer.held:  # a held peer still owes its bytes; start() ends it
             self.end = self.end or "eof"
             for h in (half, peer):
                 if not h.closed:
