@@ -1,9 +1,11 @@
 """Run the HandyProxy benchmark: one lab, every forwarder, every figure, one report.
 
 ``sudo .venv/bin/python -m bench`` builds the namespace lab (``handyproxy.lab.Lab``), starts the
-origin servers and the upstream CONNECT proxy, measures the direct path, then each forwarder in
-turn on the same path, and writes ``docs/benchmarks.md`` and ``docs/benchmarks.json``.
-Everything it starts runs inside the lab and is stopped, and the lab removed, on any exit.
+origin servers and the upstream CONNECT proxy (chosen per figure by measurement), starts every
+forwarder on its own port, and measures the direct path and each forwarder on the same path,
+switching the REDIRECT rule between them in interleaved rounds; it writes ``docs/benchmarks.md``
+and ``docs/benchmarks.json``. Everything it starts runs inside the lab and is stopped, and the
+lab removed, on any exit.
 
 Why each figure is taken the way it is:
 
@@ -12,8 +14,9 @@ Why each figure is taken the way it is:
   divided by the bytes iperf3 delivered; it does not depend on which upstream is used;
 * tunnels per second: ``wrk -H 'Connection: close'`` against a tiny origin HTTP server, so every
   request is a new tunnel (REDIRECT, CONNECT, request, response, close); best error-free rate;
-* added latency: 1 KiB request/response over 50 open tunnels at a fixed 5,000 req/s, minus the
-  same measurement when the client speaks CONNECT to the upstream itself (no forwarder);
+* added latency: 1 KiB request/response over 50 open tunnels at a fixed 5,000 req/s, taking
+  turns in 50 ms slots with 50 baseline tunnels on which the client speaks CONNECT to the
+  upstream itself; added = forwarder percentile minus baseline percentile;
 * memory: the forwarder's RSS growth divided by N open idle tunnels (each proven with an echo);
 * concurrency: 20,000 tunnels open at once, each proven end to end twice, zero errors.
 """
