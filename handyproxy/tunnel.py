@@ -223,10 +223,7 @@ class Tunnel:
         relay.seed(len(first), len(leftover))
 
     def refuse(self, reason: str) -> None:
-        reset_socket(self.sock)
-        self.sock.close()
-        self.log("refused", reason=reason)
-        self.release()
+        self.fail("refused", reason)
 
     def fail(self, end: str, reason: str) -> None:
         reset_socket(self.sock)
