@@ -69,7 +69,8 @@ def parse_args(argv: list[str]) -> config.Config:
     while args:
         arg = args.pop(0)
         if not arg.startswith("-") or arg in ("-", "--"):
-            raise UsageError(arg, "unexpected argument (flags start with '-')")
+            shown = arg if arg and arg.isprintable() else repr(arg)  # '' must still show
+            raise UsageError(shown, "unexpected argument (flags start with '-')")
         name, eq, value = arg.lstrip("-").partition("=")
         if name in ("h", "help"):
             raise UsageError("-help", "requested")
