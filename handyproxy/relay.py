@@ -63,15 +63,11 @@ class Half(asyncio.Protocol):
         self.early: list[bytes] = []  # read while held, before the peer could take it
         self.held = False
 
-    def attach(self, transport: asyncio.Transport) -> None:
-        """Adopt a transport that was made for another protocol (the CONNECT handshake)."""
-        self.transport = transport
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-
     # Protocol interface
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.attach(transport)  # type: ignore[arg-type]
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)

@@ -127,13 +127,8 @@ class Server:
                     extra={"fields": {"upstream": self.cfg.upstream_proxy}},
                 )
             self.start_accepting()
-            for sock in self.listeners:
-                host, port = sock.getsockname()[:2]
-                logger.info(
-                    f"listening on {authority(host, port)}",
-                    extra={"fields": {"upstream": self.cfg.upstream_proxy}},
-                )
-            if self.notify:
+            if self.notify:  # a worker's supervisor has announced the listeners already
+                log_listening(self.listeners, self.cfg)
                 systemd.ready("ready, 0 tunnels open")
             ticker = loop.create_task(self.tick_forever())
             await self.stop_requested.wait()
@@ -304,6 +299,16 @@ class Server:
         self.upstream_resolved = loop.time()
 
 
+def log_listening(listeners: list[socket.socket], cfg: Config, **fields: object) -> None:
+    """One ``listening on`` line per socket: operators and tests read the real port here."""
+    for sock in listeners:
+        host, port = sock.getsockname()[:2]
+        logger.info(
+            f"listening on {authority(host, port)}",
+            extra={"fields": {"upstream": cfg.upstream_proxy, **fields}},
+        )
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
@@ -352,12 +357,7 @@ def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
     shares = (
         [[s] for s in listeners] if len(listeners) == cfg.workers else [listeners] * cfg.workers
     )
-    for sock in listeners:
-        host, port = sock.getsockname()[:2]
-        logger.info(
-            f"listening on {authority(host, port)}",
-            extra={"fields": {"upstream": cfg.upstream_proxy, "workers": cfg.workers}},
-        )
+    log_listening(listeners, cfg, workers=cfg.workers)
     children: dict[int, int] = {}
     stopping = False
 
