@@ -27,15 +27,16 @@ def unmap(host: str) -> str:
     return host
 
 
-def original_dst(sock: socket.socket, local: str | None = None) -> tuple[str, int]:
+def original_dst(sock: socket.socket, addr: str | None = None) -> tuple[str, int]:
     """The original ``(ip, port)``; raises OrigDstError when conntrack has none (not NATed).
 
-    ``local`` is the socket's own address when the caller already has it.
+    ``addr`` is either end's address when the caller already has it (the peer's, from accept,
+    costs no syscall): only its family matters, and both ends of a connection share it.
     """
-    if local is None:
-        local = sock.getsockname()[0]
+    if addr is None:
+        addr = sock.getsockname()[0]
     try:
-        if ":" not in local or local.startswith("::ffff:"):
+        if ":" not in addr or addr.startswith("::ffff:"):
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
             port, addr = _SOCKADDR_IN.unpack(raw)
             return socket.inet_ntop(socket.AF_INET, addr), port
@@ -63,7 +64,7 @@ def _is_loopback(host: str) -> bool:
 
 def is_self(
     dst: tuple[str, int],
-    local: tuple[str, int],
+    local: tuple[str, int] | None,
     listen_ports: set[int],
     upstreams: list[tuple[str, int]],
 ) -> str | None:
@@ -71,12 +72,18 @@ def is_self(
 
     A connection whose original destination is the listener's own address was never
     redirected; one aimed at the upstream proxy or at another of our ports would loop.
+    ``local`` (the accepted socket's own address) matters only when ``dst`` is on one of our
+    ports, so the caller may pass None for any other destination and save a syscall.
     """
-    if same_endpoint(dst, local):
-        return "not-redirected"
     if any(same_endpoint(dst, up) for up in upstreams):
         return "loop"
+    if dst[1] not in listen_ports:
+        return None
     dst_ip = unmap(dst[0])
-    if dst[1] in listen_ports and (dst_ip == unmap(local[0]) or _is_loopback(dst_ip)):
+    if local is None:
+        raise ValueError("is_self needs the local address for a destination on a listen port")
+    if same_endpoint(dst, local):
+        return "not-redirected"
+    if dst_ip == unmap(local[0]) or _is_loopback(dst_ip):
         return "loop"
     return None

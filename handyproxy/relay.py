@@ -16,6 +16,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
+from typing import ClassVar
 
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
@@ -112,6 +113,11 @@ class RelayBase:
     """What every relay shares: how it ended, and the quiet-time timers judged by byte counts."""
 
     __slots__ = ("end", "extra_down", "extra_up", "last_activity", "on_done", "quiet_since")
+
+    #: Whether start() may find the upstream socket still registered for reading by the
+    #: set-up (add_reader): true for a relay that polls raw descriptors itself, false for one
+    #: that wraps them in transports, which must find them unregistered.
+    adopts_reader: ClassVar[bool] = False
 
     def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
         self.on_done = on_done

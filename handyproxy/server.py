@@ -23,7 +23,7 @@ from handyproxy import splice, systemd
 from handyproxy.config import Config
 from handyproxy.connect import authority
 from handyproxy.log import logger
-from handyproxy.tunnel import Hub, Tunnel
+from handyproxy.tunnel import Hub, Tunnel, tune_socket
 
 EXIT_STARTUP_FAILURE = 3
 BACKLOG = 4096
@@ -48,6 +48,7 @@ def make_listeners(cfg: Config, count: int = 1) -> list[socket.socket]:
     if inherited:
         for sock in inherited:
             sock.setblocking(False)
+            tune_socket(sock)
         return inherited
     socks: list[socket.socket] = []
     port = cfg.local_port
@@ -82,6 +83,7 @@ def _bind(address: str, port: int, reuse_port: bool) -> socket.socket:
             if family == socket.AF_INET6 and not address:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
+            tune_socket(sock)
             sock.listen(BACKLOG)
             sock.setblocking(False)
             return sock
@@ -116,6 +118,7 @@ class Server:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
+        self.hub.loop = loop
         self.stop_requested = asyncio.Event()
         for sig in _HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
@@ -254,7 +257,7 @@ class Server:
         hub.tunnels.add(tunnel)
         hub.connections += 1
         hub.per_client[tunnel.client_ip] = hub.per_client.get(tunnel.client_ip, 0) + 1
-        tunnel.task = asyncio.get_running_loop().create_task(tunnel.run())
+        tunnel.task = hub.loop.create_task(tunnel.run())
 
     # Timers
 

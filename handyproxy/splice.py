@@ -290,6 +290,8 @@ class SpliceRelay(RelayBase):
 
     __slots__ = ("client", "down", "loop", "up", "upstream")
 
+    adopts_reader = True  # add_reader on the upstream replaces the set-up's reader in place
+
     def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
         super().__init__(on_done, now)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]

@@ -35,6 +35,8 @@ class Hub:
 
     config: Config
     listen_ports: set[int]
+    # Set by the server; passed around because asyncio.get_running_loop() costs a getpid().
+    loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
     upstreams: list[tuple[int, tuple]] = field(default_factory=list)  # (family, sockaddr)
     upstream_endpoints: list[tuple[str, int]] = field(default_factory=list)
     tunnels: set[Tunnel] = field(default_factory=set)
@@ -45,7 +47,11 @@ class Hub:
 
 
 def tune_socket(sock: socket.socket) -> None:
-    """No Nagle delay (we forward what we get at once) and keepalive to find vanished peers."""
+    """No Nagle delay (we forward what we get at once) and keepalive to find vanished peers.
+
+    Set on the listeners too: accepted sockets inherit these options, which saves five
+    syscalls per tunnel.
+    """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -64,17 +70,20 @@ class Tunnel:
         "client_ip",
         "dst",
         "hub",
+        "peer",
         "relay",
         "sock",
         "started",
         "status",
         "target",
         "task",
+        "upoll",
     )
 
     def __init__(self, hub: Hub, sock: socket.socket, client: tuple) -> None:
         self.hub = hub
         self.sock = sock
+        self.peer: str = client[0]
         self.client_ip = origdst.unmap(client[0])
         self.client = connect.authority(self.client_ip, client[1])
         self.dst = "-"
@@ -83,23 +92,24 @@ class Tunnel:
         self.started = time.monotonic()
         self.relay: RelayBase | None = None
         self.task: asyncio.Task[None] | None = None
+        self.upoll: UpstreamPoll | None = None
 
     async def run(self) -> None:
         """Set the tunnel up; from then on the relay's callbacks carry it, no task remains."""
         hub, cfg, sock = self.hub, self.hub.config, self.sock
         try:
-            local = sock.getsockname()
             try:
-                dst = origdst.original_dst(sock, local[0])
+                dst = origdst.original_dst(sock, self.peer)
             except origdst.OrigDstError:
                 self.refuse("not-redirected")
                 return
             self.dst = connect.authority(*dst)
-            reason = origdst.is_self(dst, local[:2], hub.listen_ports, hub.upstream_endpoints)
+            local = sock.getsockname()[:2] if dst[1] in hub.listen_ports else None
+            reason = origdst.is_self(dst, local, hub.listen_ports, hub.upstream_endpoints)
             if reason:
                 self.refuse(reason)
                 return
-            tune_socket(sock)
+            # TCP_NODELAY and keepalive come from the listener (accept copies them).
             host = dst[0]
             first = b""
             if cfg.sniffing and (not cfg.sniff_ports or dst[1] in cfg.sniff_ports):
@@ -124,53 +134,77 @@ class Tunnel:
         """Dial the upstream and ask for the tunnel, all within the dial timeout.
 
         Returns the connected socket and any bytes the upstream sent after its reply header.
+        The socket is left in ``self.upoll``'s care (still registered for reading) until
+        start_relay hands it to the relay.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.hub.loop
         cfg = self.hub.config
+        task = asyncio.current_task(loop)
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = loop.call_later(cfg.dial_timeout, expire)
         sock: socket.socket | None = None
         try:
-            async with asyncio.timeout(cfg.dial_timeout):
-                sock = await self.dial(loop)
-                request = connect.build_request(host, port)
+            sock = await self.dial(loop)
+            poll = self.upoll
+            assert poll is not None
+            request = connect.build_request(host, port)
+            try:
+                sent = sock.send(request)  # a fresh socket takes a few hundred bytes at once
+            except BlockingIOError:
+                sent = 0
+            if sent < len(request):
+                await loop.sock_sendall(sock, request[sent:])
+            buf = b""
+            while True:
+                # The reply is one round trip away at least: wait before reading.
+                await poll.wait(write=False)
                 try:
-                    sent = sock.send(request)  # a fresh socket takes a few hundred bytes at once
+                    chunk = sock.recv(READ_SIZE)
                 except BlockingIOError:
-                    sent = 0
-                if sent < len(request):
-                    await loop.sock_sendall(sock, request[sent:])
-                buf = b""
-                while True:
-                    try:
-                        chunk = sock.recv(READ_SIZE)
-                    except BlockingIOError:
-                        await ready(loop, sock.fileno(), write=False)
-                        continue
-                    if not chunk:
-                        raise connect.ConnectError("upstream closed before its reply ended")
-                    buf += chunk
-                    try:
-                        parsed = connect.parse_reply(buf)
-                    except connect.ConnectReplyError as exc:
-                        raise connect.ConnectError(str(exc)) from None
-                    if parsed is not None:
-                        break
-        except TimeoutError:
-            if sock is not None:
-                sock.close()
+                    continue
+                if not chunk:
+                    raise connect.ConnectError("upstream closed before its reply ended")
+                buf += chunk
+                try:
+                    parsed = connect.parse_reply(buf)
+                except connect.ConnectReplyError as exc:
+                    raise connect.ConnectError(str(exc)) from None
+                if parsed is not None:
+                    break
+        except asyncio.CancelledError:
+            self.drop_upstream(sock)
+            if not expired:
+                raise  # shutdown
+            task.uncancel()
             raise connect.ConnectError(f"no answer within {cfg.dial_timeout:g}s") from None
         except OSError as exc:
-            if sock is not None:
-                sock.close()
+            self.drop_upstream(sock)
             raise connect.ConnectError(f"upstream connection failed: {exc}") from None
-        except BaseException:  # ConnectError, or cancelled by shutdown: do not leak the socket
-            if sock is not None:
-                sock.close()
+        except BaseException:  # ConnectError: do not leak the socket
+            self.drop_upstream(sock)
             raise
+        finally:
+            timer.cancel()
         self.status, length = parsed
         if not 200 <= self.status < 300:
-            sock.close()
+            self.drop_upstream(sock)
             raise connect.ConnectError("upstream refused the tunnel", self.status)
         return sock, buf[length:]
+
+    def drop_upstream(self, sock: socket.socket | None) -> None:
+        """Unregister, then close (in that order: libuv must never poll a closed descriptor)."""
+        if self.upoll is not None:
+            self.upoll.close()
+            self.upoll = None
+        if sock is not None:
+            sock.close()
 
     async def dial(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
         """Connect to the first upstream address that answers."""
@@ -180,25 +214,26 @@ class Tunnel:
         errors = []
         for family, sockaddr in hub.upstreams:
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                # SOCK_NONBLOCK here spares the ioctl that setblocking(False) would cost.
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:  # EMFILE: this tunnel fails, the process goes on
                 raise connect.ConnectError(f"cannot open a socket: {exc.strerror}") from None
-            sock.setblocking(False)
+            self.upoll = poll = UpstreamPoll(loop, sock.fileno())
             try:
                 # Not loop.sock_connect: uvloop resolves the (already numeric) address again
                 # in its thread pool for every call.
                 err = sock.connect_ex(sockaddr)
                 if err == errno.EINPROGRESS:
-                    await ready(loop, sock.fileno(), write=True)
+                    await poll.wait(write=True)
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
             except OSError as exc:
-                sock.close()
+                self.drop_upstream(sock)
                 errors.append(f"{sockaddr[0]}: {exc.strerror or exc}")
                 continue
             except BaseException:
-                sock.close()
+                self.drop_upstream(sock)
                 raise
             tune_socket(sock)
             return sock
@@ -206,20 +241,27 @@ class Tunnel:
 
     async def start_relay(self, upstream: socket.socket, first: bytes, leftover: bytes) -> None:
         """Deliver the bytes already read on each side, then hand both sockets to the relay."""
-        loop = asyncio.get_running_loop()
-        try:
-            if first:
-                await loop.sock_sendall(upstream, first)
-            if leftover:
-                await loop.sock_sendall(self.sock, leftover)
-        except BaseException:
-            reset_socket(upstream)
-            upstream.close()
-            raise
+        loop = self.hub.loop
         relay_cls = SpliceRelay if self.hub.config.relay == "splice" else Relay
+        if first or leftover or not relay_cls.adopts_reader:
+            # A transport must find the socket unregistered, and while we wait to write
+            # below, a parked reader would fire on every loop turn.
+            self.drop_upstream(None)
+        if first or leftover:
+            try:
+                if first:
+                    await loop.sock_sendall(upstream, first)
+                if leftover:
+                    await loop.sock_sendall(self.sock, leftover)
+            except BaseException:
+                reset_socket(upstream)
+                upstream.close()
+                raise
         relay = relay_cls(self.finished, loop.time())
         self.relay = relay
+        # The relay's reader replaces the parked one on the same registration.
         await relay.start(loop, self.sock, upstream)
+        self.upoll = None
         relay.seed(len(first), len(leftover))
 
     def refuse(self, reason: str) -> None:
@@ -265,25 +307,58 @@ class Tunnel:
         access.info("tunnel end", extra={"fields": fields})
 
 
-async def ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
-    """Wait until ``fd`` is readable or writable (a connect finished, a reply arrived)."""
-    fut = loop.create_future()
+class UpstreamPoll:
+    """Readiness of the upstream socket during set-up, on one registration from connect to relay.
 
-    def wake() -> None:
-        if not fut.done():
+    uvloop (libuv) builds a poll handle when a descriptor gets its first reader or writer and
+    tears it down when it loses its last, an ioctl and several epoll_ctl calls each time.
+    Switching from writer to reader in place, and leaving the reader registered for the relay to
+    take over, keeps a single handle for the socket's whole life.
+    """
+
+    __slots__ = ("fd", "fut", "loop", "reading", "writing")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.fut: asyncio.Future[None] | None = None
+        self.reading = False
+        self.writing = False
+
+    def wake(self) -> None:
+        fut = self.fut
+        if fut is not None and not fut.done():
             fut.set_result(None)
 
-    if write:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
-    try:
-        await fut
-    finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+    async def wait(self, write: bool) -> None:
+        """Until the socket is writable (a connect finished) or readable (a reply arrived)."""
+        loop, fd = self.loop, self.fd
+        self.fut = fut = loop.create_future()
+        if write and not self.writing:
+            loop.add_writer(fd, self.wake)
+            self.writing = True
+            if self.reading:
+                loop.remove_reader(fd)
+                self.reading = False
+        elif not write and not self.reading:
+            loop.add_reader(fd, self.wake)  # before dropping the writer: the handle survives
+            self.reading = True
+            if self.writing:
+                loop.remove_writer(fd)
+                self.writing = False
+        try:
+            await fut
+        finally:
+            self.fut = None
+
+    def close(self) -> None:
+        """Drop the registration; always before the socket is closed."""
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+        if self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
 
 
 async def sniff(sock: socket.socket, timeout: float, max_bytes: int) -> tuple[bytes, str | None]:

@@ -218,6 +218,7 @@ def exchange(
         sock.setblocking(False)
 
     async def dial(self: tunnel.Tunnel, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        self.upoll = tunnel.UpstreamPoll(loop, ours.fileno())
         return ours
 
     monkeypatch.setattr(tunnel.Tunnel, "dial", dial)
@@ -235,11 +236,12 @@ def exchange(
         return request
 
     async def main() -> tuple[tuple[int | None, bytes] | ConnectError, bytes]:
+        hub.loop = asyncio.get_running_loop()
         peer = asyncio.create_task(upstream())
         outcome: tuple[int | None, bytes] | ConnectError
         try:
             sock, leftover = await conn.open_upstream("origin.example", 22)
-            sock.close()
+            conn.drop_upstream(sock)
             outcome = (conn.status, leftover)
         except ConnectError as exc:
             outcome = exc

@@ -182,3 +182,24 @@ def test_same_endpoint_matches_across_v4_mapped_spellings() -> None:
     assert origdst.same_endpoint(("::ffff:198.51.100.2", 80), ("198.51.100.2", 80))
     assert not origdst.same_endpoint(("198.51.100.2", 80), ("198.51.100.2", 81))
     assert not origdst.same_endpoint(("198.51.100.2", 80), ("198.51.100.3", 80))
+
+
+@pytest.mark.parametrize(
+    ("dst", "reason"),
+    [
+        (("203.0.113.5", 443), None),
+        (("203.0.113.2", 3128), "loop"),
+        (("::ffff:203.0.113.2", 3128), "loop"),
+        (("2001:db8::5", 8080), None),
+    ],
+)
+def test_is_self_needs_no_local_address_off_the_listen_ports(
+    dst: tuple[str, int], reason: str | None
+) -> None:
+    """The tunnel skips getsockname() for these: only a listen port can be our own address."""
+    assert is_self(dst, None, PORTS, UPSTREAMS) == reason
+
+
+def test_is_self_asks_for_the_local_address_on_a_listen_port() -> None:
+    with pytest.raises(ValueError, match="local address"):
+        is_self(("198.18.0.1", 8443), None, PORTS, UPSTREAMS)
