@@ -118,10 +118,15 @@ main() {
         local i
         for ((i = 0; i < WAIT_SECONDS * 2; i++)); do
             engine_answers && { check_bridge; return 0; }
+            # It was on its way out (stopped or crashed): start our own below.
+            pgrep -x dockerd >/dev/null 2>&1 || break
             sleep 0.5
         done
-        log "dockerd (pid $(pgrep -x dockerd | tr '\n' ' ')) does not answer"
-        return 1
+        if pgrep -x dockerd >/dev/null 2>&1; then
+            log "dockerd (pid $(pgrep -x dockerd | tr '\n' ' ')) does not answer"
+            return 1
+        fi
+        log "that dockerd has exited"
     fi
     start_engine
     check_bridge

@@ -44,7 +44,8 @@ if ! flock -n 9; then
 fi
 
 t_setup=$SECONDS
-bash "$ROOT/scripts/docker-setup.sh"
+# 9>&-: a dockerd started from here must not inherit the lock, or it would hold it forever.
+bash "$ROOT/scripts/docker-setup.sh" 9>&-
 bash "$ROOT/scripts/build-image.sh"
 
 # Containers or networks that a killed run left behind (we hold the lock, so none is in use).
