@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ProcessLog
+from pathkit import ProcessLog
 
 from handyproxy import demo
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import Body, host_of
+from pathkit import Body, host_of
 
 from handyproxy import lab as lablib
 

@@ -7,7 +7,7 @@ import json
 import signal
 
 import pytest
-from conftest import Body, Client, host_of, recv_all, recv_until, sha256_file
+from pathkit import Body, Client, host_of, recv_all, recv_until, sha256_file
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import DOWN_UPSTREAM, PROXY_PORT, Client, each_family, host_of
+from pathkit import DOWN_UPSTREAM, PROXY_PORT, Client, each_family, host_of
 
 pytestmark = pytest.mark.integration
 

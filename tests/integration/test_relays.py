@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import Client, expect_reset, host_of, recv_all, recv_until
+from pathkit import Client, expect_reset, host_of, recv_all, recv_until
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import os
 import socket
 
 import pytest
-from conftest import (
+from pathkit import (
     ORIGIN_NAME,
     ORIGIN_PORTS,
     Body,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROXY_PORT, Client, ProcessLog, host_of, sha256_file
+from pathkit import PROXY_PORT, Client, ProcessLog, host_of, sha256_file
 
 from handyproxy import lab as lablib
 

@@ -8,7 +8,7 @@ import re
 import socket
 
 import pytest
-from conftest import (
+from pathkit import (
     ORIGIN_PORTS,
     PROXY_PORT,
     SEEN_BY_ORIGIN,
