@@ -148,10 +148,11 @@ def targets(res: dict) -> list[dict]:
             f"{fmt(lat_best[1], 0)} us (p99 {fmt(lat.get('p99_us'), 0)} vs paired baseline "
             f"{fmt(lat.get('paired_p99_us'), 0)} us)",
             None if noisy else lat_best[1] < 1000,
-            f"the direct path alone has p99 {fmt(get(direct, 'latency', 'p99_us'), 0)} us in "
-            "this run (no forwarder, no proxy): scheduling delay on the 2 shared cores, with "
-            "the client, forwarder, upstream and origin all busy at 5,000 req/s, is most of "
-            "the tail; the forwarder adds one more process hop that waits for a core",
+            f"redsocks (C) adds {fmt(added(rs.get('latency'), base, 'p99_us'), 0)} us at p99 "
+            "in the same run: the added tail is one more process hop waiting for one of the 2 "
+            "shared cores (client, forwarder, upstream and origin all busy at 5,000 req/s) "
+            "rather than the forwarder's own work; the direct path alone has p99 "
+            f"{fmt(get(direct, 'latency', 'p99_us'), 0)} us",
         )
     key = "memory_big" if any("memory_big" in t for t in hp.values()) else "memory"
     n, v = best(hp, (key, "kib_per_tunnel"), lower=True)
