@@ -144,20 +144,26 @@ class Server:
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         if self.stop_requested is None or self.stop_requested.is_set():
             return
+        # Here rather than in shutdown(), before the line that says so: from the moment the
+        # signal is handled, a new client is refused instead of queued behind a closing port.
+        self.close_listeners()
         logger.info(
             "stopping: no new connections, draining open tunnels",
             extra={"fields": {"signal": sig.name if sig else "-", "open": self.hub.connections}},
         )
-        self.stop_requested.set()
-
-    async def shutdown(self) -> None:
-        """Stop accepting, give open tunnels the drain timeout, then reset what is left."""
         if self.notify:
             systemd.stopping(f"draining {self.hub.connections} tunnels")
+        self.stop_requested.set()
+
+    def close_listeners(self) -> None:
         self.hub.draining = True
         self.stop_accepting()
         for sock in self.listeners:
             sock.close()
+
+    async def shutdown(self) -> None:
+        """Give open tunnels the drain timeout, then reset what is left."""
+        self.close_listeners()  # already done when the stop came through request_stop
         deadline = time.monotonic() + self.cfg.drain_timeout
         while self.hub.tunnels and time.monotonic() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -371,6 +377,11 @@ def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
             try:
                 for sig in _HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
+                # The other workers' listeners came along with fork(): holding them would keep
+                # those sockets (and their share of new clients) alive after their owners close.
+                for sock in listeners:
+                    if sock not in shares[index]:
+                        sock.close()
                 code = serve(cfg, shares[index], notify=False)
             finally:
                 sys.stdout.flush()
@@ -382,6 +393,10 @@ def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
         nonlocal stopping
         if not stopping:
             systemd.stopping(f"draining {cfg.workers} workers")
+            # No worker is started again, and the port must close with the workers' copies:
+            # while this process holds one, new clients would queue and then be reset.
+            for sock in listeners:
+                sock.close()
         stopping = True
         for pid in children:
             with contextlib.suppress(ProcessLookupError):

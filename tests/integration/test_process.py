@@ -71,6 +71,28 @@ def test_sigterm_lets_an_open_tunnel_finish_then_exits_zero(
     assert "end=eof" in forwarder.access(f"dst={host_of(4)}:{origin.port} ")
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers-2"])
+def test_a_client_arriving_after_sigterm_is_refused_while_old_tunnels_drain(
+    client: Client, start_origin, start_upstream, start_handyproxy, workers: int
+):
+    """Once "stopping" is logged, the port is closed in every process (a -workers parent
+    included): a new client gets a refusal at once, not a queue slot and a later reset."""
+    origin = start_origin("banner")
+    start_upstream("builtin")
+    forwarder = start_handyproxy(drain_timeout="10s", workers=workers)
+
+    with client.connect(4, origin.port) as sock:
+        assert recv_until(sock, b"\r\n") == b"220 origin.test banner\r\n"
+        forwarder.proc.send_signal(signal.SIGTERM)
+        forwarder.log.wait_for("stopping: no new connections", count=workers)
+        with pytest.raises(ConnectionRefusedError):
+            client.connect(4, origin.port).close()
+        sock.sendall(b"QUIT\r\n")  # the tunnel opened before SIGTERM still carries bytes
+        assert recv_all(sock) == b"221 bye\r\n"
+
+    assert forwarder.proc.wait(timeout=10) == 0
+
+
 def test_sigterm_resets_tunnels_still_open_after_the_drain_timeout(
     client: Client, start_origin, start_upstream, start_handyproxy
 ):
