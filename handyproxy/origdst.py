@@ -27,16 +27,16 @@ def unmap(host: str) -> str:
     return host
 
 
-def original_dst(sock: socket.socket, addr: str | None = None) -> tuple[str, int]:
+def original_dst(sock: socket.socket, end_ip: str | None = None) -> tuple[str, int]:
     """The original ``(ip, port)``; raises OrigDstError when conntrack has none (not NATed).
 
-    ``addr`` is either end's address when the caller already has it (the peer's, from accept,
-    costs no syscall): only its family matters, and both ends of a connection share it.
+    ``end_ip`` is either end's address when the caller already has it (the peer's, from
+    accept, costs no syscall): only its family matters, and both ends of a connection share it.
     """
-    if addr is None:
-        addr = sock.getsockname()[0]
+    if end_ip is None:
+        end_ip = sock.getsockname()[0]
     try:
-        if ":" not in addr or addr.startswith("::ffff:"):
+        if ":" not in end_ip or end_ip.startswith("::ffff:"):
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
             port, addr = _SOCKADDR_IN.unpack(raw)
             return socket.inet_ntop(socket.AF_INET, addr), port

@@ -162,8 +162,8 @@ class Server:
             sock.close()
 
     async def shutdown(self) -> None:
-        """Give open tunnels the drain timeout, then reset what is left."""
-        self.close_listeners()  # already done when the stop came through request_stop
+        """Give open tunnels the drain timeout, then reset what is left (the listeners are
+        already closed: request_stop did it)."""
         deadline = time.monotonic() + self.cfg.drain_timeout
         while self.hub.tunnels and time.monotonic() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))

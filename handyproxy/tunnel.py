@@ -160,6 +160,7 @@ class Tunnel:
             except BlockingIOError:
                 sent = 0
             if sent < len(request):
+                poll.close()  # sock_sendall registers (and drops) a writer of its own
                 await loop.sock_sendall(sock, request[sent:])
             buf = b""
             while True:

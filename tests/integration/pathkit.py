@@ -263,6 +263,18 @@ def recv_all(sock: socket.socket) -> bytes:
     return data
 
 
+def echo_exchange(sock: socket.socket, payload: bytes) -> tuple[bytes, bytes]:
+    """Send ``payload`` to the echo origin, half-close, read its whole answer.
+
+    Returns (answer, expected answer): the origin replies with the length and sha256 of
+    everything it received before our FIN (origin_server.py).
+    """
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    expected = f"got {len(payload)} sha256={hashlib.sha256(payload).hexdigest()}\n".encode()
+    return recv_all(sock), expected
+
+
 def expect_reset(sock: socket.socket, payload: bytes = b"", timeout: float = 10.0) -> float:
     """Seconds until the peer resets ``sock``; fails if it answers or closes cleanly instead."""
     sock.settimeout(timeout)

@@ -53,26 +53,8 @@ def test_json_log_records_carry_the_access_fields(
     assert json.loads(forwarder.log.wait_for(r'"message": "listening on')[0].string)["level"]
 
 
-def test_sigterm_lets_an_open_tunnel_finish_then_exits_zero(
-    client: Client, start_origin, start_upstream, start_handyproxy
-):
-    origin = start_origin("banner")
-    start_upstream("builtin")
-    forwarder = start_handyproxy(drain_timeout="10s")
-
-    with client.connect(4, origin.port) as sock:
-        assert recv_until(sock, b"\r\n") == b"220 origin.test banner\r\n"
-        forwarder.proc.send_signal(signal.SIGTERM)
-        forwarder.log.wait_for("stopping: no new connections")
-        sock.sendall(b"QUIT\r\n")  # the tunnel opened before SIGTERM still carries bytes
-        assert recv_all(sock) == b"221 bye\r\n"
-
-    assert forwarder.proc.wait(timeout=10) == 0
-    assert "end=eof" in forwarder.access(f"dst={host_of(4)}:{origin.port} ")
-
-
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers-2"])
-def test_a_client_arriving_after_sigterm_is_refused_while_old_tunnels_drain(
+def test_sigterm_refuses_new_clients_lets_an_open_tunnel_finish_then_exits_zero(
     client: Client, start_origin, start_upstream, start_handyproxy, workers: int
 ):
     """Once "stopping" is logged, the port is closed in every process (a -workers parent
@@ -91,6 +73,7 @@ def test_a_client_arriving_after_sigterm_is_refused_while_old_tunnels_drain(
         assert recv_all(sock) == b"221 bye\r\n"
 
     assert forwarder.proc.wait(timeout=10) == 0
+    assert "end=eof" in forwarder.access(f"dst={host_of(4)}:{origin.port} ")
 
 
 def test_sigterm_resets_tunnels_still_open_after_the_drain_timeout(

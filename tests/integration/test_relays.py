@@ -4,13 +4,12 @@ the idle and half-close timers."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import time
 
 import pytest
-from pathkit import Client, expect_reset, host_of, recv_all, recv_until
+from pathkit import Client, echo_exchange, expect_reset, host_of, recv_all, recv_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +27,9 @@ def test_bulk_bytes_arrive_intact_both_ways(
     payload = os.urandom(4 * 1024 * 1024 + 7)
 
     with client.connect(family, origin.port) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        reply = recv_all(sock)
+        reply, expected = echo_exchange(sock, payload)
 
-    assert reply == f"got {len(payload)} sha256={hashlib.sha256(payload).hexdigest()}\n".encode()
+    assert reply == expected
     record = forwarder.access(f"dst={host_of(family)}:{origin.port} ")
     assert f"up={len(payload)} " in record
     assert f"down={len(reply)} " in record

@@ -3,9 +3,7 @@ forwarder must CONNECT to the name it read from the HTTP Host header or the TLS 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 
 import pytest
 from pathkit import (
@@ -14,6 +12,7 @@ from pathkit import (
     Body,
     Client,
     each_family,
+    echo_exchange,
     host_of,
     recv_all,
     sha256_file,
@@ -108,10 +107,8 @@ def test_sniffed_bytes_are_replayed_in_order_when_no_name_is_found(
     payload = os.urandom(256 * 1024)
 
     with client.connect(family, origin.port) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        reply = recv_all(sock)
+        reply, expected = echo_exchange(sock, payload)
 
-    assert reply == f"got {len(payload)} sha256={hashlib.sha256(payload).hexdigest()}\n".encode()
+    assert reply == expected
     record = forwarder.access(f"dst={host_of(family)}:{origin.port} ")
     assert f"target={host_of(family)}:{origin.port} " in record
