@@ -238,7 +238,7 @@ def render(res: dict) -> str:
         chosen = get(res, "upstream_selection", "chosen") or {}
         parts.append(
             "\n## Upstream proxy choice\n\nEach candidate (`squid:2` = squid SMP with "
-            "2 workers; `builtin` = `python -m handyproxy.connect_proxy`) behind "
+            "2 workers; `builtin` = `python -m handyproxy.lab.connect_proxy`) behind "
             "redsocks (a fixed C forwarder): one iperf3 stream for 3 s, wrk (32 "
             "connections, one tunnel per request) for 3 s, and the latency probe for "
             "2 s. No candidate wins all three, so each figure uses the one that limits "

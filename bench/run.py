@@ -1,6 +1,7 @@
 """Run the HandyProxy benchmark: one lab, every forwarder, every figure, one report.
 
-``sudo .venv/bin/python -m bench`` builds the namespace lab (``handyproxy.lab.Lab``), starts the
+``sudo .venv/bin/python -m bench`` builds the namespace lab (``handyproxy.lab.netns.Lab``),
+starts the
 origin servers and the upstream CONNECT proxy (chosen per figure by measurement), starts every
 forwarder on its own port, and measures the direct path and each forwarder on the same path,
 switching the REDIRECT rule between them in interleaved rounds; it writes ``docs/benchmarks.md``
@@ -55,7 +56,7 @@ from bench.tools import (
     parse_wrk,
     rss_kib,
 )
-from handyproxy import lab as labmod
+from handyproxy.lab import netns as labmod
 
 ORIGIN = labmod.ORIGIN_V4
 UPSTREAM_IP = labmod.UPSTREAM_V4

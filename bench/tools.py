@@ -277,7 +277,7 @@ class BuiltinProxy(Upstream):
     python: str = field(default_factory=lambda: sys.executable)
 
     def argv(self) -> list[str]:
-        return [self.python, "-m", "handyproxy.connect_proxy", "--listen", self.listen]
+        return [self.python, "-m", "handyproxy.lab.connect_proxy", "--listen", self.listen]
 
     def version(self) -> str:
         return "handyproxy.connect_proxy (repo)"

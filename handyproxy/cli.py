@@ -6,31 +6,13 @@ argparse is not used because the original's flags are Go ``flag`` style (``-loca
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
 from handyproxy import __version__, config
 
 EXIT_USAGE = 2
-
-_HELP = {
-    "local-port": "port to listen on (0: the kernel picks)",
-    "listen-address": "IP address to listen on (default: all, IPv4 and IPv6)",
-    "upstream-proxy": "upstream HTTP proxy, host[:port] or [v6]:port (port 3128 if missing)",
-    "dial-timeout": "bound on reaching the upstream and reading its CONNECT reply",
-    "sniff-timeout": "hostname sniffing: -1 off, 0 means 1s, else a duration",
-    "sniff-max-bytes": "bytes to read while sniffing for TLS SNI or HTTP Host",
-    "sniff-ports": "comma-separated original ports to sniff (default: all)",
-    "idle-timeout": "end tunnels idle this long in both directions (0: never)",
-    "half-close-timeout": "end tunnels this long after one direction ended (0: never)",
-    "max-connections": "tunnels open at once (0: no cap)",
-    "max-client-connections": "tunnels open at once per client address (0: no cap)",
-    "drain-timeout": "on SIGTERM, time open tunnels get before they are reset",
-    "workers": "processes sharing the port (SO_REUSEPORT)",
-    "relay": "splice (zero-copy, the default) or copy (through user space)",
-    "log-format": "text or json",
-    "log-level": "debug, info, warning or error",
-}
 
 
 class UsageError(Exception):
@@ -50,11 +32,14 @@ def usage() -> str:
         "",
         "Flags take one or two dashes, '-flag value' or '-flag=value':",
     ]
-    for name in config.option_names():
-        value = getattr(defaults, name.replace("-", "_"))
-        if isinstance(value, float):
-            value = config.format_duration(value) if name != "sniff-timeout" else "-1"
-        lines.append(f"  -{name:<24} {_HELP[name]} (default {value!r})")
+    for f in dataclasses.fields(config.Config):
+        name = f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if f.metadata["kind"] == "duration":
+            value = config.format_duration(value)
+        elif f.metadata["kind"] == "sniff_timeout":
+            value = f"{value:g}"
+        lines.append(f"  -{name:<24} {f.metadata['help']} (default {value!r})")
     lines.append(f"  -{'config FILE':<24} TOML file with the settings above; flags win")
     lines.append(f"  -{'version':<24} print the version and exit")
     return "\n".join(lines)
@@ -73,7 +58,7 @@ def parse_args(argv: list[str]) -> config.Config:
             raise UsageError(shown, "unexpected argument (flags start with '-')")
         name, eq, value = arg.lstrip("-").partition("=")
         if name in ("h", "help"):
-            raise UsageError("-help", "requested")
+            raise _HelpRequested
         if name == "version":
             raise _VersionRequested
         if name != "config" and name not in known:
@@ -109,14 +94,18 @@ def parse_args(argv: list[str]) -> config.Config:
 
 
 class _VersionRequested(Exception):
-    pass
+    """``-version`` was given: print it and stop, whatever else argv holds."""
+
+
+class _HelpRequested(Exception):
+    """``-help`` was given: print the usage and stop."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the process exit status."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "demo":
-        from handyproxy import demo
+        from handyproxy.lab import demo
 
         return demo.main(args[1:])
     try:
@@ -124,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     except _VersionRequested:
         print(f"handyproxy {__version__}")
         return 0
+    except _HelpRequested:
+        print(usage())
+        return 0
     except UsageError as exc:
-        if exc.reason == "requested":
-            print(usage())
-            return 0
         print(f"handyproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

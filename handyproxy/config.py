@@ -10,12 +10,15 @@ import ipaddress
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from handyproxy.address import split_hostport
+from handyproxy.relay import RELAYS
+
 DEFAULT_UPSTREAM_PORT = 3128
 LOG_FORMATS = ("text", "json")
-RELAYS = ("splice", "copy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _DURATION_UNITS = {
@@ -110,85 +113,54 @@ def parse_sniff_timeout(value: str | int | float) -> float:
     return seconds
 
 
-def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """Split ``host:port``, ``[v6]:port``, ``host`` or ``[v6]``; bare IPv6 is ambiguous.
-
-    A missing port takes ``default_port``; raises ValueError naming what is wrong.
-    """
-    s = text.strip()
-    if not s:
-        raise ValueError("empty address")
-    port_text: str | None
-    if s.startswith("["):
-        end = s.find("]")
-        if end < 0:
-            raise ValueError(f"unclosed '[' in {text!r}")
-        host, rest = s[1:end], s[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"unexpected {rest!r} after ']' in {text!r}")
-        port_text = rest[1:] if rest else None
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
-    elif s.count(":") > 1:
-        raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [2001:db8::1]:3128")
-    elif ":" in s:
-        host, port_text = s.split(":", 1)
-    else:
-        host, port_text = s, None
-    if not host:
-        raise ValueError(f"missing host in {text!r}")
-    if not _valid_host(host):
-        raise ValueError(f"invalid host name {host!r}")
-    if port_text is None or port_text == "":
-        if default_port is None or port_text == "":
-            raise ValueError(f"missing port in {text!r}")
-        return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
-    return host, int(port_text)
-
-
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-
-
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253:
-        return False
-    return all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
-
-
-def _duration_field(default: float) -> Any:
-    return field(default=default, metadata={"kind": "duration"})
+def option(default: Any, kind: str, help: str) -> Any:
+    """A Config field: ``kind`` says how a flag or TOML value is converted, ``help`` is its
+    line in ``-help``. Kept beside the field so the two cannot drift apart."""
+    return field(default=default, metadata={"kind": kind, "help": help})
 
 
 @dataclass(frozen=True)
 class Config:
     """The forwarder's settings; field names are the flag names with underscores."""
 
-    local_port: int = 8443
-    listen_address: str = ""
-    upstream_proxy: str = f"localhost:{DEFAULT_UPSTREAM_PORT}"
-    dial_timeout: float = _duration_field(180.0)
-    sniff_timeout: float = field(default=-1.0, metadata={"kind": "sniff_timeout"})
-    sniff_max_bytes: int = 8192
-    sniff_ports: tuple[int, ...] = ()
-    idle_timeout: float = _duration_field(0.0)
-    half_close_timeout: float = _duration_field(60.0)
-    max_connections: int = 0
-    max_client_connections: int = 0
-    drain_timeout: float = _duration_field(30.0)
-    workers: int = 1
-    relay: str = "splice"
-    log_format: str = "text"
-    log_level: str = "info"
+    local_port: int = option(8443, "int", "port to listen on (0: the kernel picks)")
+    listen_address: str = option("", "str", "IP address to listen on (default: all, IPv4 and IPv6)")
+    upstream_proxy: str = option(
+        f"localhost:{DEFAULT_UPSTREAM_PORT}",
+        "str",
+        "upstream HTTP proxy, host[:port] or [v6]:port (port 3128 if missing)",
+    )
+    dial_timeout: float = option(
+        180.0, "duration", "bound on reaching the upstream and reading its CONNECT reply"
+    )
+    sniff_timeout: float = option(
+        -1.0, "sniff_timeout", "hostname sniffing: -1 off, 0 means 1s, else a duration"
+    )
+    sniff_max_bytes: int = option(
+        8192, "int", "bytes to read while sniffing for TLS SNI or HTTP Host"
+    )
+    sniff_ports: tuple[int, ...] = option(
+        (), "ports", "comma-separated original ports to sniff (default: all)"
+    )
+    idle_timeout: float = option(
+        0.0, "duration", "end tunnels idle this long in both directions (0: never)"
+    )
+    half_close_timeout: float = option(
+        60.0, "duration", "end tunnels this long after one direction ended (0: never)"
+    )
+    max_connections: int = option(0, "int", "tunnels open at once (0: no cap)")
+    max_client_connections: int = option(
+        0, "int", "tunnels open at once per client address (0: no cap)"
+    )
+    drain_timeout: float = option(
+        30.0, "duration", "on SIGTERM, time open tunnels get before they are reset"
+    )
+    workers: int = option(1, "int", "processes sharing the port (SO_REUSEPORT)")
+    relay: str = option(
+        "splice", "str", "splice (zero-copy, the default) or copy (through user space)"
+    )
+    log_format: str = option("text", "str", "text or json")
+    log_level: str = option("info", "str", "debug, info, warning or error")
 
     @property
     def sniffing(self) -> bool:
@@ -265,41 +237,56 @@ def option_names() -> list[str]:
 def convert(name: str, value: Any) -> Any:
     """Turn a flag or TOML value into the field's type; ValueError says why it cannot be."""
     f = {f.name: f for f in fields(Config)}[name.replace("-", "_")]
-    kind = f.metadata.get("kind")
-    if kind == "duration":
-        if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
-            return 0.0
-        if not isinstance(value, str):
-            raise ValueError(f'expected a duration string such as "30s", got {value!r}')
-        return parse_duration(value)
-    if kind == "sniff_timeout":
-        return parse_sniff_timeout(value)
-    if f.type == "int":
-        if isinstance(value, bool):
-            raise ValueError(f"expected a whole number, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
-            return int(value)
+    return _CONVERTERS[f.metadata["kind"]](value)
+
+
+def _to_duration(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    if not isinstance(value, str):
+        raise ValueError(f'expected a duration string such as "30s", got {value!r}')
+    return parse_duration(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
         raise ValueError(f"expected a whole number, got {value!r}")
-    if f.type == "tuple[int, ...]":
-        items = value
-        if isinstance(value, str):
-            items = [p for p in (x.strip() for x in value.split(",")) if p]
-        if not isinstance(items, list | tuple):
-            raise ValueError(f"expected a list of ports, got {value!r}")
-        ports = []
-        for item in items:
-            if isinstance(item, bool) or not (
-                isinstance(item, int)
-                or (isinstance(item, str) and item.isascii() and item.isdigit())
-            ):
-                raise ValueError(f"{item!r} is not a port number")
-            ports.append(int(item))
-        return tuple(ports)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        return int(value)
+    raise ValueError(f"expected a whole number, got {value!r}")
+
+
+def _to_ports(value: Any) -> tuple[int, ...]:
+    items = value
+    if isinstance(value, str):
+        items = [p for p in (x.strip() for x in value.split(",")) if p]
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"expected a list of ports, got {value!r}")
+    ports = []
+    for item in items:
+        if isinstance(item, bool) or not (
+            isinstance(item, int) or (isinstance(item, str) and item.isascii() and item.isdigit())
+        ):
+            raise ValueError(f"{item!r} is not a port number")
+        ports.append(int(item))
+    return tuple(ports)
+
+
+def _to_str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "duration": _to_duration,
+    "sniff_timeout": parse_sniff_timeout,
+    "int": _to_int,
+    "ports": _to_ports,
+    "str": _to_str,
+}
 
 
 def load_toml(path: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from handyproxy import __version__
+from handyproxy.address import authority
 
 MAX_REPLY_BYTES = 16 * 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\r?")
@@ -26,11 +27,6 @@ class ConnectError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
-
-
-def authority(host: str, port: int) -> str:
-    """``host:port`` with IPv6 literals bracketed, as RFC 9110 9.3.6 requires."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build_request(host: str, port: int) -> bytes:

@@ -10,6 +10,8 @@ import errno
 import socket
 import struct
 
+from handyproxy.address import unmap
+
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, address, zero
@@ -18,13 +20,6 @@ _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, address,
 
 class OrigDstError(Exception):
     """The connection has no original destination: it was not redirected."""
-
-
-def unmap(host: str) -> str:
-    """``::ffff:198.51.100.2`` → ``198.51.100.2``, so v4 clients on a v6 socket log as v4."""
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
 
 
 def original_dst(sock: socket.socket, end_ip: str | None = None) -> tuple[str, int]:

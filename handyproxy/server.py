@@ -19,11 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from handyproxy import splice, systemd
+from handyproxy import relay, systemd
+from handyproxy.address import authority
 from handyproxy.config import Config
-from handyproxy.connect import authority
 from handyproxy.log import logger
-from handyproxy.tunnel import Hub, Tunnel, tune_socket
+from handyproxy.sockets import tune_socket
+from handyproxy.tunnel import Hub, Tunnel
 
 EXIT_STARTUP_FAILURE = 3
 BACKLOG = 4096
@@ -102,7 +103,11 @@ class Server:
         self.cfg = cfg
         self.listeners = listeners
         self.notify = notify
-        self.hub = Hub(config=cfg, listen_ports={s.getsockname()[1] for s in listeners})
+        self.hub = Hub(
+            config=cfg,
+            listen_ports={s.getsockname()[1] for s in listeners},
+            relay_cls=relay.load(cfg.relay),
+        )
         self.stop_requested: asyncio.Event | None = None
         self.accept_paused = False
         self.backoff = BACKOFF_FIRST
@@ -149,10 +154,10 @@ class Server:
         self.close_listeners()
         logger.info(
             "stopping: no new connections, draining open tunnels",
-            extra={"fields": {"signal": sig.name if sig else "-", "open": self.hub.connections}},
+            extra={"fields": {"signal": sig.name if sig else "-", "open": len(self.hub.tunnels)}},
         )
         if self.notify:
-            systemd.stopping(f"draining {self.hub.connections} tunnels")
+            systemd.stopping(f"draining {len(self.hub.tunnels)} tunnels")
         self.stop_requested.set()
 
     def close_listeners(self) -> None:
@@ -195,7 +200,7 @@ class Server:
 
     def fds_in_use(self) -> int:
         """Descriptors we hold, counted without a syscall: base, two per tunnel, pipes."""
-        return self.fd_base + 2 * self.hub.connections + 2 * splice.POOL.open
+        return self.fd_base + 2 * len(self.hub.tunnels) + self.hub.relay_cls.descriptors_in_use()
 
     def on_readable(self, lsock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -231,7 +236,7 @@ class Server:
                 extra={
                     "fields": {
                         "error": exc.strerror,
-                        "open": self.hub.connections,
+                        "open": len(self.hub.tunnels),
                         "events": self.exhausted_count,
                         "retry_in": f"{self.backoff:g}s",
                     }
@@ -251,7 +256,7 @@ class Server:
         hub, cfg = self.hub, self.cfg
         tunnel = Tunnel(hub, conn, addr)
         hub.total += 1
-        if cfg.max_connections and hub.connections >= cfg.max_connections:
+        if cfg.max_connections and len(hub.tunnels) >= cfg.max_connections:
             tunnel.refuse("connection-cap")
             return
         if (
@@ -261,7 +266,6 @@ class Server:
             tunnel.refuse("client-cap")
             return
         hub.tunnels.add(tunnel)
-        hub.connections += 1
         hub.per_client[tunnel.client_ip] = hub.per_client.get(tunnel.client_ip, 0) + 1
         tunnel.task = hub.loop.create_task(tunnel.run())
 
@@ -287,7 +291,7 @@ class Server:
             for tunnel in list(self.hub.tunnels):
                 if tunnel.relay is not None:
                     tunnel.relay.check_timers(now, idle, half)
-        text = f"{self.hub.connections} tunnels open"
+        text = f"{len(self.hub.tunnels)} tunnels open"
         if self.notify and text != self.last_status:
             systemd.status(text)
             self.last_status = text
@@ -321,7 +325,7 @@ def log_listening(listeners: list[socket.socket], cfg: Config, **fields: object)
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps --help usable
+    except ImportError:  # pragma: no cover - uvloop is a dependency; a broken install still runs
         logger.warning("uvloop is not installed; using the slower asyncio event loop")
         return asyncio.new_event_loop
     return uvloop.new_event_loop
@@ -344,9 +348,10 @@ def raise_fd_limit() -> None:
 def run(cfg: Config) -> int:
     """Start the forwarder; the exit status is 0 after a clean stop, 3 when it cannot start."""
     raise_fd_limit()
-    if cfg.relay == "splice" and (why := splice.available()):
-        logger.warning(f"zero-copy relay unavailable ({why}); copying instead")
-        cfg = dataclasses.replace(cfg, relay="copy")
+    _, why = relay.choose(cfg.relay)
+    if why:
+        logger.warning(f"{cfg.relay} relay unavailable ({why}); using {relay.FALLBACK} instead")
+        cfg = dataclasses.replace(cfg, relay=relay.FALLBACK)
     try:
         listeners = make_listeners(cfg, cfg.workers)
     except StartupError as exc:

@@ -16,17 +16,15 @@ import time
 from dataclasses import dataclass, field
 
 from handyproxy import connect, origdst
+from handyproxy.address import authority, unmap
 from handyproxy.config import Config
 from handyproxy.log import access, logger
-from handyproxy.relay import Relay, RelayBase, reset_socket
+from handyproxy.relay.base import RelayBase
 from handyproxy.sniff import http as sniff_http
 from handyproxy.sniff import tls as sniff_tls
-from handyproxy.splice import SpliceRelay
+from handyproxy.sockets import reset_socket, tune_socket
 
 READ_SIZE = 4096
-KEEPALIVE_IDLE = 60
-KEEPALIVE_INTERVAL = 15
-KEEPALIVE_COUNT = 4
 
 
 @dataclass(eq=False)
@@ -39,38 +37,21 @@ class Hub:
     loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
     upstreams: list[tuple[int, tuple]] = field(default_factory=list)  # (family, sockaddr)
     upstream_endpoints: list[tuple[str, int]] = field(default_factory=list)
+    relay_cls: type[RelayBase] = None  # type: ignore[assignment]
     tunnels: set[Tunnel] = field(default_factory=set)
     per_client: dict[str, int] = field(default_factory=dict)
-    connections: int = 0
     total: int = 0
     draining: bool = False
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """No Nagle delay (we forward what we get at once) and keepalive to find vanished peers.
-
-    Set on the listeners too: accepted sockets inherit these options, which saves five
-    syscalls per tunnel.
-    """
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-    except OSError:
-        pass
 
 
 class Tunnel:
     """Bookkeeping for one client connection, from accept to the access record."""
 
     __slots__ = (
-        "client",
         "client_ip",
+        "client_port",
         "dst",
         "hub",
-        "peer",
         "relay",
         "sock",
         "started",
@@ -83,9 +64,8 @@ class Tunnel:
     def __init__(self, hub: Hub, sock: socket.socket, client: tuple) -> None:
         self.hub = hub
         self.sock = sock
-        self.peer: str = client[0]
-        self.client_ip = origdst.unmap(client[0])
-        self.client = connect.authority(self.client_ip, client[1])
+        self.client_ip = unmap(client[0])  # v4 clients of a dual-stack socket count as v4
+        self.client_port: int = client[1]
         self.dst = "-"
         self.target = "-"
         self.status: int | None = None
@@ -94,16 +74,21 @@ class Tunnel:
         self.task: asyncio.Task[None] | None = None
         self.upoll: UpstreamPoll | None = None
 
+    @property
+    def client(self) -> str:
+        """The client's address as logged: ``ip:port``, IPv6 bracketed."""
+        return authority(self.client_ip, self.client_port)
+
     async def run(self) -> None:
         """Set the tunnel up; from then on the relay's callbacks carry it, no task remains."""
         hub, cfg, sock = self.hub, self.hub.config, self.sock
         try:
             try:
-                dst = origdst.original_dst(sock, self.peer)
+                dst = origdst.original_dst(sock, self.client_ip)
             except origdst.OrigDstError:
                 self.refuse("not-redirected")
                 return
-            self.dst = connect.authority(*dst)
+            self.dst = authority(*dst)
             local = sock.getsockname()[:2] if dst[1] in hub.listen_ports else None
             reason = origdst.is_self(dst, local, hub.listen_ports, hub.upstream_endpoints)
             if reason:
@@ -116,7 +101,7 @@ class Tunnel:
                 first, name = await sniff(sock, cfg.effective_sniff_timeout, cfg.sniff_max_bytes)
                 if name:
                     host = name
-            self.target = connect.authority(host, dst[1])
+            self.target = authority(host, dst[1])
             upstream, leftover = await self.open_upstream(host, dst[1])
             await self.start_relay(upstream, first, leftover)
         except connect.ConnectError as exc:
@@ -243,7 +228,7 @@ class Tunnel:
     async def start_relay(self, upstream: socket.socket, first: bytes, leftover: bytes) -> None:
         """Deliver the bytes already read on each side, then hand both sockets to the relay."""
         loop = self.hub.loop
-        relay_cls = SpliceRelay if self.hub.config.relay == "splice" else Relay
+        relay_cls = self.hub.relay_cls
         if first or leftover or not relay_cls.adopts_reader:
             # A transport must find the socket unregistered, and while we wait to write
             # below, a parked reader would fire on every loop turn.
@@ -282,7 +267,6 @@ class Tunnel:
         hub = self.hub
         if self in hub.tunnels:
             hub.tunnels.discard(self)
-            hub.connections -= 1
             n = hub.per_client.get(self.client_ip, 0) - 1
             if n > 0:
                 hub.per_client[self.client_ip] = n

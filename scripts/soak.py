@@ -233,7 +233,7 @@ def established(lab: Any, ns: str) -> int:
 def soak(args: argparse.Namespace) -> dict[str, Any]:
     from faultkit import FAKES, Fake, Forwarder
 
-    from handyproxy.lab import Lab
+    from handyproxy.lab.netns import Lab
 
     result: dict[str, Any] = {"duration": args.duration, "relay": args.relay, "failures": []}
     fail = result["failures"].append

@@ -7,9 +7,9 @@ no I/O and keep no state, so the caller owns timeouts and byte limits, and fuzzi
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from typing import Final
+
+from handyproxy.address import valid_hostname
 
 
 class _More:
@@ -21,26 +21,17 @@ class _More:
 
 MORE: Final = _More()
 
-_LABEL = re.compile(rb"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-
 
 def valid_name(raw: bytes) -> str | None:
     """A DNS name usable in CONNECT, lower-cased; None for IP literals and anything odd.
 
-    IP literals are refused on purpose: the original destination IP is already known and a
-    client-supplied address must not replace it.
+    IP literals, in every spelling a resolver accepts, are refused on purpose: the original
+    destination IP is already known and a client-supplied address must not replace it.
     """
-    name = raw[:-1] if raw.endswith(b".") else raw
-    if not name or len(name) > 253:
-        return None
-    if not all(_LABEL.fullmatch(label) for label in name.split(b".")):
-        return None
-    text = name.decode("ascii").lower()
     try:
-        ipaddress.ip_address(text)
+        text = raw.decode("ascii").lower()
+    except UnicodeDecodeError:
         return None
-    except ValueError:
-        pass
-    if text.replace(".", "").isdigit():
+    if not valid_hostname(text):
         return None
-    return text
+    return text[:-1] if text.endswith(".") else text

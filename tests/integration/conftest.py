@@ -39,8 +39,8 @@ from pathkit import (
     Upstream,
 )
 
-from handyproxy import connect_proxy
-from handyproxy import lab as lablib
+from handyproxy.lab import connect_proxy
+from handyproxy.lab import netns as lablib
 
 
 def _missing() -> list[str]:
@@ -256,8 +256,9 @@ def start_upstream(
     """Factory: an upstream proxy on port 3128 of the upstream namespace (IPv4 and IPv6).
 
     ``kind``: ``squid`` or ``tinyproxy`` (Debian's, with a temporary config, no daemon mode) or
-    ``builtin`` (``handyproxy.connect_proxy``; ``reply_status``, ``no_reply``, ``greedy`` make it
-    misbehave). ``allow_domains`` admits only those names (never an IP); ``deny_all`` answers 403.
+    ``builtin`` (``handyproxy.lab.connect_proxy``; ``reply_status``, ``no_reply``, ``greedy``
+    make it misbehave). ``allow_domains`` admits only those names (never an IP); ``deny_all``
+    answers 403.
 
     Starting a proxy costs more than most tests, so the last one keeps running until a test asks
     for a different kind or configuration (or the session ends); each test gets a log view that

@@ -25,7 +25,7 @@ from typing import IO
 
 import pytest
 
-from handyproxy import lab as lablib
+from handyproxy.lab import netns as lablib
 
 PYTHON = sys.executable
 #: The helpers (origins, built-in proxy) use only the standard library: ``-S`` skips the venv's

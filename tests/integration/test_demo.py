@@ -10,7 +10,7 @@ import sys
 import pytest
 from pathkit import ProcessLog
 
-from handyproxy import demo
+from handyproxy.lab import demo
 
 pytestmark = pytest.mark.integration
 

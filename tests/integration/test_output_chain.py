@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from pathkit import Body, host_of
 
-from handyproxy import lab as lablib
+from handyproxy.lab import netns as lablib
 
 pytestmark = pytest.mark.integration
 

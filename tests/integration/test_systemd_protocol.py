@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pathkit import PROXY_PORT, Client, ProcessLog, host_of, sha256_file
 
-from handyproxy import lab as lablib
+from handyproxy.lab import netns as lablib
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from pathkit import (
     sha256_file,
 )
 
-from handyproxy import lab as lablib
+from handyproxy.lab import netns as lablib
 
 pytestmark = pytest.mark.integration
 

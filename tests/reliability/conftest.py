@@ -1,7 +1,7 @@
 """Fixtures for the fault, shutdown and exhaustion tests: a lab, the forwarder in its router
 namespace, and the scripted peers of ``fakes.py``, each stopped and removed after the test.
 
-Everything runs in the namespaces of ``handyproxy.lab.Lab``; the test process itself talks to
+Everything runs in the namespaces of ``handyproxy.lab.netns.Lab``; the test process itself talks to
 them through sockets created inside a namespace (``lab.connect``), so no test traffic touches the
 host's own network.
 """
@@ -30,7 +30,7 @@ from faultkit import (
     nofile_prefix,
 )
 
-from handyproxy.lab import Lab, missing_requirements
+from handyproxy.lab.netns import Lab, missing_requirements
 
 
 @pytest.fixture

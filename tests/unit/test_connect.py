@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from handyproxy import __version__, connect, tunnel
+from handyproxy import __version__, address, connect, tunnel
 from handyproxy.config import Config
 from handyproxy.connect import MAX_REPLY_BYTES, ConnectError, ConnectReplyError, parse_reply
 
@@ -37,9 +37,9 @@ def test_build_request_is_one_exact_connect_with_host(host: str, port: int, targ
 
 
 def test_authority_brackets_only_ipv6() -> None:
-    assert connect.authority("2001:db8::1", 443) == "[2001:db8::1]:443"
-    assert connect.authority("198.51.100.1", 443) == "198.51.100.1:443"
-    assert connect.authority("origin.example", 8443) == "origin.example:8443"
+    assert address.authority("2001:db8::1", 443) == "[2001:db8::1]:443"
+    assert address.authority("198.51.100.1", 443) == "198.51.100.1:443"
+    assert address.authority("origin.example", 8443) == "origin.example:8443"
 
 
 @pytest.mark.parametrize(

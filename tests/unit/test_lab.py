@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from handyproxy import connect_proxy as cp
-from handyproxy import lab as lablib
+from handyproxy.lab import connect_proxy as cp
+from handyproxy.lab import netns as lablib
 
 # Names and addresses
 
@@ -215,7 +215,7 @@ def test_connect_proxy_answers_errors_with_a_status_and_closes(options, request_
 
 
 def test_demo_names_what_is_missing_and_exits_nonzero(monkeypatch, capsys):
-    from handyproxy import demo
+    from handyproxy.lab import demo
 
     monkeypatch.setattr(demo, "missing_requirements", lambda: ["root (for namespaces)"])
 

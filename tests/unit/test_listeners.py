@@ -8,7 +8,7 @@ import pytest
 
 from handyproxy.config import Config
 from handyproxy.server import make_listeners
-from handyproxy.tunnel import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
+from handyproxy.sockets import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
 
 OPTIONS = {
     "TCP_NODELAY": (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from handyproxy import origdst
+from handyproxy import address, origdst
 from handyproxy.origdst import OrigDstError, is_self, original_dst
 
 
@@ -141,7 +141,7 @@ def test_a_direct_loopback_connection_is_not_taken_for_a_redirected_one() -> Non
     ],
 )
 def test_unmap_turns_only_v4_mapped_addresses_into_ipv4(host: str, expected: str) -> None:
-    assert origdst.unmap(host) == expected
+    assert address.unmap(host) == expected
 
 
 LOCAL = ("198.18.0.1", 8443)

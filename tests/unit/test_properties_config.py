@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from handyproxy import cli, config
+from handyproxy import address, cli, config
 
 UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 GO_MAX_SECONDS = 2**63 / 1e9
@@ -251,7 +251,7 @@ def test_split_hostport_returns_host_and_port_or_value_error(
     text: str, default: int | None
 ) -> None:
     try:
-        host, port = config.split_hostport(text, default)
+        host, port = address.split_hostport(text, default)
     except ValueError:
         return
     assert host

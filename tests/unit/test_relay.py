@@ -14,8 +14,9 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
-from handyproxy import relay as relay_mod
-from handyproxy.relay import HIGH_WATER, LOW_WATER, Relay, RelayBase
+from handyproxy.relay import copy as relay_mod
+from handyproxy.relay.base import RelayBase
+from handyproxy.relay.copy import HIGH_WATER, LOW_WATER, CopyRelay
 
 
 class MockTransport:
@@ -70,11 +71,11 @@ class MockTransport:
 
 
 class Tunnel:
-    """A relay joined to two mock transports the way ``Relay.start`` joins real ones."""
+    """A relay joined to two mock transports the way ``CopyRelay.start`` joins real ones."""
 
     def __init__(self, now: float = 0.0, **transport_kwargs: bool) -> None:
         self.done: list[RelayBase] = []
-        self.relay = Relay(self.done.append, now)
+        self.relay = CopyRelay(self.done.append, now)
         self.ct = MockTransport("client")
         self.ut = MockTransport("upstream", **transport_kwargs)
         self.relay.upstream.connection_made(self.ut)  # type: ignore[arg-type]
@@ -100,7 +101,7 @@ def test_both_transports_get_the_write_buffer_limits() -> None:
 def test_upstream_bytes_and_eof_held_before_the_client_exists_arrive_first_and_in_order() -> None:
     """uvloop may read before connection_made's pause takes effect, so a held upstream keeps
     what arrives and start() delivers it ahead of anything later, then passes the EOF on."""
-    relay = Relay(lambda r: None, 0.0)
+    relay = CopyRelay(lambda r: None, 0.0)
     ut, ct = MockTransport("upstream"), MockTransport("client")
     relay.upstream.held = True
     relay.upstream.connection_made(ut)  # type: ignore[arg-type]
@@ -267,7 +268,7 @@ def test_flow_control_is_a_no_op_once_a_half_closed() -> None:
 
 
 def test_fail_before_the_upstream_exists_resets_only_the_client() -> None:
-    relay = Relay(lambda r: None, 0.0)
+    relay = CopyRelay(lambda r: None, 0.0)
     ct = MockTransport("client")
     relay.client.connection_made(ct)  # type: ignore[arg-type]
     relay.fail(relay.client, "shutdown")
@@ -379,7 +380,7 @@ def test_relay_on_real_socketpairs_half_closes_and_finishes(
     async def main() -> tuple[bytes, bytes, RelayBase]:
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[RelayBase] = loop.create_future()
-        relay = Relay(finished.set_result, loop.time())
+        relay = CopyRelay(finished.set_result, loop.time())
         await relay.start(loop, client_ours, upstream_ours)
         await loop.sock_sendall(client_app, b"request")
         client_app.shutdown(socket.SHUT_WR)
@@ -416,7 +417,7 @@ def test_a_client_that_stops_reading_pauses_the_upstream_and_memory_stays_bounde
 
     async def main() -> tuple[bool, int, bytes]:
         loop = asyncio.get_running_loop()
-        relay = Relay(lambda r: None, loop.time())
+        relay = CopyRelay(lambda r: None, loop.time())
         await relay.start(loop, client_ours, upstream_ours)
         sender = asyncio.create_task(loop.sock_sendall(origin, payload))
         for _ in range(200):  # until the relay stops reading the upstream

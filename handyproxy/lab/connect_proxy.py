@@ -8,7 +8,8 @@ Each CONNECT is logged on stderr. A few switches make it misbehave on purpose fo
 ``--greedy`` holds the 200 back until the origin's first bytes arrive and sends both in one write
 (the "banner in the same read as the reply" case).
 
-    python -m handyproxy.connect_proxy --listen 203.0.113.2:3128 --listen '[2001:db8:113::2]:3128'
+    python -m handyproxy.lab.connect_proxy --listen 203.0.113.2:3128 \
+        --listen '[2001:db8:113::2]:3128'
 
 Standard library only; it is not built for speed.
 """
@@ -26,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-log = logging.getLogger("handyproxy.connect_proxy")
+log = logging.getLogger("handyproxy.lab.connect_proxy")
 
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
@@ -244,7 +245,7 @@ async def serve(options: Options) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m handyproxy.connect_proxy",
+        prog="python -m handyproxy.lab.connect_proxy",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

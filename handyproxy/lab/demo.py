@@ -1,9 +1,10 @@
 """``handyproxy demo``: watch a plain ``curl`` reach an origin through the forwarder, in seconds.
 
 Why: a newcomer rarely has an upstream proxy and a REDIRECT rule at hand. The demo builds a
-throwaway lab of network namespaces (``handyproxy.lab``): a client, a router running handyproxy
+throwaway lab of network namespaces (``handyproxy.lab.netns``): a client, a router running
+handyproxy
 behind an nftables REDIRECT rule, an upstream host running the built-in CONNECT proxy
-(``handyproxy.connect_proxy``) and an origin HTTP server that only the upstream can reach. The
+(``handyproxy.lab.connect_proxy``) and an origin HTTP server that only the upstream can reach. The
 client runs ``curl http://198.18.0.2/`` and ``curl http://[2001:db8:18::2]/`` as if there were
 no proxy at all; the demo prints the response and each hop's log lines, then removes the lab
 (also on Ctrl-C). Exit status 0 means the origin's bytes arrived over IPv4 and IPv6.
@@ -25,10 +26,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from handyproxy import lab as lablib
+from handyproxy.lab import netns as lablib
 
 FORWARDER_PORT = 8443
-PROXY_MODULE = "handyproxy.connect_proxy"
+PROXY_MODULE = "handyproxy.lab.connect_proxy"
 PROXY_PORT = 3128
 ORIGIN_PORT = 80
 GREETING = "Hello from the origin 198.18.0.2 / 2001:db8:18::2: you came through the CONNECT proxy."

@@ -12,23 +12,14 @@ mistakes a broken transfer for a complete one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import struct
 from collections.abc import Callable
-from typing import ClassVar
+
+from handyproxy.relay.base import RelayBase
+from handyproxy.sockets import reset_socket
 
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
-_LINGER_RST = struct.pack("ii", 1, 0)
-
-
-def reset_socket(sock: socket.socket | None) -> None:
-    """Make the next close send RST instead of FIN (SO_LINGER with a zero timeout)."""
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
 
 
 def reset_transport(transport: asyncio.BaseTransport) -> None:
@@ -52,7 +43,7 @@ class Half(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, relay: Relay, name: str) -> None:
+    def __init__(self, relay: CopyRelay, name: str) -> None:
         self.relay = relay
         self.name = name
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -109,54 +100,7 @@ class Half(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-class RelayBase:
-    """What every relay shares: how it ended, and the quiet-time timers judged by byte counts."""
-
-    __slots__ = ("end", "extra_down", "extra_up", "last_activity", "on_done", "quiet_since")
-
-    #: Whether start() may find the upstream socket still registered for reading by the
-    #: set-up (add_reader): true for a relay that polls raw descriptors itself, false for one
-    #: that wraps them in transports, which must find them unregistered.
-    adopts_reader: ClassVar[bool] = False
-
-    def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
-        self.on_done = on_done
-        self.end: str | None = None
-        self.last_activity = -1
-        self.quiet_since = now
-        self.extra_up = 0
-        self.extra_down = 0
-
-    bytes_up: int
-    bytes_down: int
-    half_closed: bool
-
-    def abort(self, reason: str) -> None:
-        raise NotImplementedError
-
-    def seed(self, up: int, down: int) -> None:
-        """Count bytes delivered before the relay took over (sniffed, or early from the origin)."""
-        self.extra_up += up
-        self.extra_down += down
-
-    def check_timers(self, now: float, idle_timeout: float, half_close_timeout: float) -> None:
-        """Called about once a second by the server; ends tunnels that went quiet too long.
-
-        Activity is judged from the byte counters, so the hot path never reads a clock.
-        """
-        activity = self.bytes_up + self.bytes_down
-        if activity != self.last_activity:
-            self.last_activity = activity
-            self.quiet_since = now
-            return
-        quiet = now - self.quiet_since
-        if half_close_timeout > 0 and self.half_closed and quiet >= half_close_timeout:
-            self.abort("half-close-timeout")
-        elif idle_timeout > 0 and quiet >= idle_timeout:
-            self.abort("idle-timeout")
-
-
-class Relay(RelayBase):
+class CopyRelay(RelayBase):
     """Copying relay: two protocol halves; ``on_done`` runs once both sockets closed."""
 
     __slots__ = ("client", "upstream")

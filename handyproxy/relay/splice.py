@@ -1,6 +1,6 @@
 """Zero-copy relay: bytes move socket → pipe → socket inside the kernel with splice(2).
 
-The copying relay (relay.py) pays for every byte twice: into a Python object and out again. Here
+The copying relay (copy.py) pays for every byte twice: into a Python object and out again. Here
 the payload never enters user space; Python only decides when to move it. Pipes are taken from a
 small pool when a direction has bytes to move and given back as soon as it is drained, so idle
 tunnels hold no pipe at all. Flow control is the pipe itself: while a destination cannot take
@@ -17,7 +17,8 @@ import os
 import socket
 from collections.abc import Callable
 
-from handyproxy.relay import RelayBase, reset_socket
+from handyproxy.relay.base import RelayBase
+from handyproxy.sockets import reset_socket
 
 PIPE_SIZE = 256 * 1024
 COPY_CHUNK = 64 * 1024
@@ -310,6 +311,14 @@ class SpliceRelay(RelayBase):
         self.down.reverse = self.up
         self.up.start_reading()
         self.down.start_reading()
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return available()
+
+    @classmethod
+    def descriptors_in_use(cls) -> int:
+        return 2 * POOL.open
 
     @property
     def bytes_up(self) -> int:

@@ -1,0 +1,72 @@
+"""What every relay shares: how a tunnel ended, byte counts, and the quiet-time timers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import ClassVar
+
+
+class RelayBase:
+    """What every relay shares: how it ended, and the quiet-time timers judged by byte counts."""
+
+    __slots__ = ("end", "extra_down", "extra_up", "last_activity", "on_done", "quiet_since")
+
+    #: Whether start() may find the upstream socket still registered for reading by the
+    #: set-up (add_reader): true for a relay that polls raw descriptors itself, false for one
+    #: that wraps them in transports, which must find them unregistered.
+    adopts_reader: ClassVar[bool] = False
+
+    def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
+        self.on_done = on_done
+        self.end: str | None = None
+        self.last_activity = -1
+        self.quiet_since = now
+        self.extra_up = 0
+        self.extra_down = 0
+
+    bytes_up: int
+    bytes_down: int
+    half_closed: bool
+
+    async def start(
+        self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket
+    ) -> None:
+        """Take over both connected sockets; from here the relay's callbacks carry the tunnel."""
+        raise NotImplementedError
+
+    def abort(self, reason: str) -> None:
+        """End the tunnel with a reset on both sides, recording ``reason`` unless one is set."""
+        raise NotImplementedError
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this relay cannot run on this kernel, or None when it can."""
+        return None
+
+    @classmethod
+    def descriptors_in_use(cls) -> int:
+        """Descriptors this relay kind holds beyond the tunnels' own sockets (pipes)."""
+        return 0
+
+    def seed(self, up: int, down: int) -> None:
+        """Count bytes delivered before the relay took over (sniffed, or early from the origin)."""
+        self.extra_up += up
+        self.extra_down += down
+
+    def check_timers(self, now: float, idle_timeout: float, half_close_timeout: float) -> None:
+        """Called about once a second by the server; ends tunnels that went quiet too long.
+
+        Activity is judged from the byte counters, so the hot path never reads a clock.
+        """
+        activity = self.bytes_up + self.bytes_down
+        if activity != self.last_activity:
+            self.last_activity = activity
+            self.quiet_since = now
+            return
+        quiet = now - self.quiet_since
+        if half_close_timeout > 0 and self.half_closed and quiet >= half_close_timeout:
+            self.abort("half-close-timeout")
+        elif idle_timeout > 0 and quiet >= idle_timeout:
+            self.abort("idle-timeout")

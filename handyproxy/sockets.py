@@ -1,0 +1,41 @@
+"""Socket options the forwarder sets, each written once.
+
+A reset on the wire is how a tunnel tells a peer "this transfer did not complete": the relays,
+the set-up and the tests' peers all ask for it through ``reset_socket``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4
+#: struct linger {l_onoff = 1, l_linger = 0}: close() sends RST and drops unsent data.
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_socket(sock: socket.socket | None) -> None:
+    """Make the next close send RST instead of FIN (SO_LINGER with a zero timeout)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """No Nagle delay (we forward what we get at once) and keepalive to find vanished peers.
+
+    Set on the listeners too: accepted sockets inherit these options, which saves five
+    syscalls per tunnel.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:
+        pass
