@@ -1,17 +1,49 @@
-"""A tiny HTTP CONNECT proxy, so the demo and the tests have an upstream without installing one.
+"""A small HTTP CONNECT proxy for the lab: the demo's upstream, and the tests' scriptable one.
 
-It does only what a forwarder needs from its upstream: ``CONNECT host:port`` → dial →
-``HTTP/1.1 200 Connection established`` → relay both ways, passing a half-close on. Any other
-method gets 405, a failed dial 502 (504 on a dial timeout), a target outside the allow-list 403.
-Each CONNECT is logged on stderr. A few switches make it misbehave on purpose for fault tests:
-``--reply-status`` answers every CONNECT with that status, ``--no-reply`` never answers, and
-``--greedy`` holds the 200 back until the origin's first bytes arrive and sends both in one write
-(the "banner in the same read as the reply" case).
+Honest by default, it does only what a forwarder needs from its upstream: ``CONNECT host:port``
+→ dial → ``HTTP/1.1 200 Connection established`` → relay both ways, passing a half-close on as a
+half-close and a reset as a reset. Any other method gets 405, a failed dial 502 (504 on a dial
+timeout), a target outside the allow-list 403.
+
+Fault tests need a fault at an exact moment and need to know how the forwarder treated the
+upstream side, which no real proxy offers, so it also misbehaves on cue:
+
+``--reply-status CODE``  answer every CONNECT with CODE and close
+``--mode MODE``          answer instead of tunnelling to the target:
+  relay            the honest proxy (the default)
+  echo             reply 200 and echo every byte back; no origin needed (load tests)
+  drip             a valid 200 reply sent one byte every ``--delay`` seconds, then echo
+  endless          ``HTTP/1.1 200 OK`` and then header lines, one every ``--delay``, forever
+  oversized        a 200 status line followed by ``--size`` bytes of header lines, no end
+  close-after-200  reply 200, then close cleanly (FIN)
+  reset-after-200  reply 200, then reset (RST)
+  stall            read the CONNECT, never answer, keep the connection open
+  garbage          answer ``--size`` random bytes instead of HTTP
+  hold             reply 200, read until the forwarder's FIN, then never write nor close (a
+                   server that ignores half-closes)
+``--greedy``             hold the 200 back until the origin's first bytes and send both in one write
+``--fault reset|die|stall --after N``  once N bytes crossed the tunnels (relay, echo, drip):
+  reset            RST towards the forwarder (and towards the origin)
+  die              stop reading, and exit once unread bytes wait in the socket (a crashed
+                   proxy: the kernel resets sockets that hold unread data)
+  stall            stop reading and writing, keep the sockets (a hung proxy or a dead link)
+
+It logs one line per event on stderr, as ``key=value`` fields after a leading word::
+
+    listening on 203.0.113.2:3128
+    CONNECT 198.18.0.2:80 id=1 client=203.0.113.1:40000 host=198.18.0.2:80 status=200
+    fault id=1 fault=reset crossed=3000
+    fin id=1
+    tunnel end id=1 target=198.18.0.2:80 client=203.0.113.1:40000 up=10 down=20 end=eof ...
+
+``up`` counts bytes the client sent us after its request, ``down`` bytes we sent back after the
+reply; ``end`` is how the connection ended from here: ``eof``, ``reset``, ``fault``, ``closed``
+(we closed it), or ``error:NAME``.
 
     python -m handyproxy.lab.connect_proxy --listen 203.0.113.2:3128 \
         --listen '[2001:db8:113::2]:3128'
 
-Standard library only; it is not built for speed.
+Standard library only (uvloop with ``--uvloop``); it is not built for speed.
 """
 
 from __future__ import annotations
@@ -19,20 +51,55 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import fnmatch
+import itertools
+import json
 import logging
+import os
+import random
 import signal
+import socket
+import struct
 import sys
+import termios
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from handyproxy.address import authority, split_hostport, unmap
+from handyproxy.sockets import reset_socket
 
 log = logging.getLogger("handyproxy.lab.connect_proxy")
+#: Its own logger so ``--quiet`` can silence the per-connection lines and keep these.
+listening_log = logging.getLogger("handyproxy.lab.connect_proxy.listening")
 
+MODES = (
+    "relay",
+    "echo",
+    "drip",
+    "endless",
+    "oversized",
+    "close-after-200",
+    "reset-after-200",
+    "stall",
+    "garbage",
+    "hold",
+)
+FAULTS = ("reset", "die", "stall")
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
 BUFFER = 64 * 1024
+BACKLOG = 4096
 GREEDY_WAIT = 0.5
+#: How often a connection we no longer read is checked for the peer's FIN or RST; nothing
+#: else tells a process that never reads that its peer went away.
+STATE_POLL = 0.05
+#: The longest a dying proxy waits for unread bytes before it exits anyway.
+DIE_WAIT = 2.0
+TCP_CLOSE = 7  # linux/tcp_states.h: what a socket becomes when a RST arrives
+TCP_CLOSE_WAIT = 8  # ... and when a FIN arrives
 REASONS = {
     200: "Connection established",
     400: "Bad Request",
@@ -53,25 +120,21 @@ class Options:
     allow: tuple[str, ...] = ()
     dial_timeout: float = 10.0
     reply_status: int | None = None
-    no_reply: bool = False
+    mode: str = "relay"
     greedy: bool = False
+    delay: float = 0.2
+    size: int = 64 * 1024
+    fault: str | None = None
+    after: int = 0
+    reuseport: bool = False
     listen: tuple[tuple[str | None, int], ...] = field(default=((None, 3128),))
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6]:port`` (an empty host is allowed); ValueError otherwise."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"not host:port: {text!r}")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"not host:port: {text!r}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port_text)
+def listen_address(text: str) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, or ``:PORT`` for every address, as ``--listen`` takes it."""
+    if text.startswith(":"):
+        return None, split_hostport(f"[::]{text}")[1]
+    return split_hostport(text)
 
 
 def allowed(host: str, port: int, patterns: Sequence[str]) -> bool:
@@ -94,32 +157,88 @@ def _reply(status: int) -> bytes:
     return (head + "\r\n").encode()
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername") or ("?", 0)
-    host = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
-    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+def _show(address: Any) -> str:
+    if not address:
+        return "?"
+    return authority(unmap(address[0]), address[1])
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int]) -> None:
-    """Copy until EOF, then half-close ``dst``; a reset aborts ``dst`` too."""
+def _fields(**values: object) -> str:
+    """``key=value`` pairs; a value with a space or quote is written as a JSON string."""
+    out = []
+    for key, value in values.items():
+        text = "-" if value is None or value == "" else str(value)
+        if any(c in text for c in ' "=\\'):
+            text = json.dumps(text)
+        out.append(f"{key}={text}")
+    return " ".join(out)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0, then abort), never a FIN that would look like a clean end."""
+    reset_socket(writer.get_extra_info("socket"))
+    writer.transport.abort()
+
+
+def unread_bytes(writer: asyncio.StreamWriter) -> int:
+    """Bytes waiting in the kernel's receive queue of ``writer``'s socket (FIONREAD)."""
+    sock = writer.get_extra_info("socket")
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+async def wait_end(reader: asyncio.StreamReader) -> str:
+    """Read and drop everything until the peer ends the connection: ``eof`` or ``reset``."""
     try:
-        while data := await src.read(BUFFER):
-            dst.write(data)
-            count[0] += len(data)
-            await dst.drain()
-        if dst.can_write_eof() and not dst.is_closing():
-            dst.write_eof()
-    except (ConnectionError, OSError):
-        dst.transport.abort()
-        raise
+        while await reader.read(BUFFER):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+    return "eof"
+
+
+@dataclass
+class Connection:
+    """One client connection and what the log says about it."""
+
+    cid: int
+    client: str
+    target: str = ""
+    up: int = 0
+    down: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def said(self, status: int | str, host: str = "", reason: str = "") -> None:
+        extra = {"reason": reason} if reason else {}
+        log.info(
+            "CONNECT %s %s",
+            self.target,
+            _fields(id=self.cid, client=self.client, host=host, status=status, **extra),
+        )
+
+    def ended(self, how: str) -> None:
+        log.info(
+            "tunnel end %s",
+            _fields(
+                id=self.cid,
+                target=self.target,
+                client=self.client,
+                up=self.up,
+                down=self.down,
+                end=how,
+                duration=f"{time.monotonic() - self.started:.3f}s",
+            ),
+        )
 
 
 class ConnectProxy:
-    """One listening proxy; ``handle`` serves one client connection."""
+    """One proxy (any number of listeners); ``handle`` serves one client connection."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.active: set[asyncio.Task[None]] = set()
+        self.active: set[asyncio.Task[None]] = set()  # strong references: see handle()
+        self.crossed = 0  # bytes through every tunnel, for --fault --after N
+        self._ids = itertools.count(1)
 
     async def close(self) -> None:
         """End every open connection and wait until their sockets are closed."""
@@ -128,96 +247,268 @@ class ConnectProxy:
         await asyncio.gather(*self.active, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = _peer(writer)
+        conn = Connection(next(self._ids), _show(writer.get_extra_info("peername")))
         task = asyncio.current_task()
         assert task is not None
+        # Without a reference a handler whose sockets are idle in the loop (after a
+        # half-close, say) can be collected mid-transfer and its sockets closed with a FIN.
         self.active.add(task)  # type: ignore[arg-type]
         try:
-            await self._handle(client, reader, writer)
+            await self._handle(conn, reader, writer)
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
             self.active.discard(task)  # type: ignore[arg-type]
-            writer.close()
+            if not writer.transport.is_closing():
+                writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
     async def _handle(
-        self, client: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        opts = self.options
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
         except asyncio.LimitOverrunError:
             writer.write(_reply(400))
             return
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        lines = head.split(b"\r\n")
+        request_line = lines[0].decode("latin-1")
         parts = request_line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            log.info("bad request %r client=%s status=400", request_line, client)
+            log.info("bad request %s", _fields(id=conn.cid, client=conn.client, line=request_line))
             writer.write(_reply(400))
             return
-        method, target, _version = parts
+        method, conn.target, _version = parts
         if method != "CONNECT":
-            log.info("%s %s client=%s status=405", method, target, client)
+            log.info(
+                "%s %s %s",
+                method,
+                conn.target,
+                _fields(id=conn.cid, client=conn.client, status=405),
+            )
             writer.write(_reply(405))
             return
+        host_header = next(
+            (h[5:].strip().decode("latin-1") for h in lines[1:] if h.lower().startswith(b"host:")),
+            "",
+        )
+        how = "closed"
         try:
-            host, port = parse_hostport(target)
-        except ValueError:
-            log.info("CONNECT %s client=%s status=400", target, client)
+            how = await self._connect(conn, host_header, reader, writer)
+        except (ConnectionResetError, BrokenPipeError):
+            how = "reset"
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            how = f"error:{type(exc).__name__}"
+        finally:
+            conn.ended(how)
+
+    async def _connect(
+        self,
+        conn: Connection,
+        host_header: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> str:
+        """Answer one CONNECT as the options say; returns how the connection ended."""
+        opts = self.options
+        try:
+            host, port = split_hostport(conn.target)
+        except ValueError as exc:
+            conn.said(400, host_header, str(exc))
             writer.write(_reply(400))
-            return
-        if opts.no_reply:
-            log.info("CONNECT %s client=%s status=- (never answering)", target, client)
-            await reader.read()  # hold the line open until the client gives up
-            return
+            return "closed"
         if opts.reply_status is not None:
-            log.info("CONNECT %s client=%s status=%d", target, client, opts.reply_status)
+            conn.said(opts.reply_status, host_header)
             writer.write(_reply(opts.reply_status))
             await writer.drain()
-            return
+            return "closed"
         if not allowed(host, port, opts.allow):
-            log.info("CONNECT %s client=%s status=403 (not in the allow-list)", target, client)
+            conn.said(403, host_header, "not in the allow-list")
             writer.write(_reply(403))
-            return
-        start = time.monotonic()
+            return "closed"
+        mode = opts.mode
+        if mode == "stall":
+            conn.said("-", host_header, "never answering")
+            return await wait_end(reader)
+        if mode == "garbage":
+            conn.said("-", host_header, "garbage")
+            writer.write(random.Random(conn.cid).randbytes(opts.size))
+            await writer.drain()
+            return await wait_end(reader)
+        if mode in ("endless", "oversized"):
+            conn.said(200, host_header, f"{mode} header")
+            await self._bad_header(mode, writer)
+            return await wait_end(reader)
+        origin: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        if mode == "relay":
+            try:
+                origin = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, limit=BUFFER), opts.dial_timeout
+                )
+            except (TimeoutError, OSError) as exc:
+                status = 504 if isinstance(exc, TimeoutError) else 502
+                conn.said(status, host_header, type(exc).__name__ if status == 504 else str(exc))
+                writer.write(_reply(status))
+                return "closed"
+        conn.said(200, host_header)
         try:
-            o_reader, o_writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=BUFFER), opts.dial_timeout
-            )
-        except (TimeoutError, OSError) as exc:
-            status = 504 if isinstance(exc, TimeoutError) else 502
-            log.info(
-                "CONNECT %s client=%s status=%d (%s)",
-                target,
-                client,
-                status,
-                exc.__class__.__name__ if status == 504 else exc,
-            )
-            writer.write(_reply(status))
-            return
-        first = b""
-        if opts.greedy:
-            with contextlib.suppress(asyncio.TimeoutError):
-                first = await asyncio.wait_for(o_reader.read(BUFFER), GREEDY_WAIT)
-        log.info("CONNECT %s client=%s status=200", target, client)
-        writer.write(_reply(200) + first)
-        up, down = [0], [len(first)]
-        try:
-            await asyncio.gather(_pump(reader, o_writer, up), _pump(o_reader, writer, down))
+            return await self._tunnel(conn, mode, origin, reader, writer)
         finally:
-            o_writer.close()
-            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-                await o_writer.wait_closed()
-            log.info(
-                "tunnel end %s client=%s up=%d down=%d duration=%.3fs",
-                target,
-                client,
-                up[0],
-                down[0],
-                time.monotonic() - start,
-            )
+            if origin is not None:
+                origin[1].close()
+                with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+                    await origin[1].wait_closed()
+
+    async def _bad_header(self, mode: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        if mode == "oversized":
+            line = b"X-Pad: " + b"a" * 90 + b"\r\n"
+            writer.write(line * (self.options.size // len(line) + 1))
+            await writer.drain()
+            return
+        for n in itertools.count():
+            writer.write(b"X-Slow-%d: still thinking\r\n" % n)
+            await writer.drain()
+            await asyncio.sleep(self.options.delay)  # the pace of the misbehaviour
+
+    async def _tunnel(
+        self,
+        conn: Connection,
+        mode: str,
+        origin: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> str:
+        """Send the 200 (as the mode says) and carry the tunnel; returns how it ended."""
+        reply = _reply(200)
+        if mode == "drip":
+            for i in range(len(reply)):
+                writer.write(reply[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(self.options.delay)  # the pace of the misbehaviour
+        elif origin is not None and self.options.greedy:
+            first = b""
+            with contextlib.suppress(TimeoutError):
+                first = await asyncio.wait_for(origin[0].read(BUFFER), GREEDY_WAIT)
+            writer.write(reply + first)
+            conn.down += len(first)
+        else:
+            writer.write(reply)
+        if mode == "close-after-200":
+            await writer.drain()
+            writer.close()
+            return await wait_end(reader)
+        if mode == "reset-after-200":
+            await writer.drain()
+            reset(writer)
+            return "fault"
+        if mode == "hold":
+            while data := await reader.read(BUFFER):
+                conn.up += len(data)
+            return await self._watch(conn, writer)
+        if origin is None:
+            return await self._echo(conn, reader, writer)
+        return await self._relay(conn, origin, reader, writer)
+
+    # Faults
+
+    def _fault_due(self, n: int) -> bool:
+        self.crossed += n
+        return bool(self.options.fault) and self.crossed >= self.options.after
+
+    async def _fault(
+        self,
+        conn: Connection,
+        writer: asyncio.StreamWriter,
+        other: asyncio.StreamWriter | None = None,
+    ) -> str:
+        fault = self.options.fault
+        log.info("fault %s", _fields(id=conn.cid, fault=fault, crossed=self.crossed))
+        if fault == "reset":
+            reset(writer)
+            if other is not None:
+                reset(other)
+            return "fault"
+        writer.transport.pause_reading()
+        if fault == "die":
+            deadline = time.monotonic() + DIE_WAIT
+            while unread_bytes(writer) == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(STATE_POLL / 5)  # the forwarder is still writing
+            os._exit(1)
+        return await self._watch(conn, writer)  # stall
+
+    async def _watch(self, conn: Connection, writer: asyncio.StreamWriter) -> str:
+        """Without reading, wait until the peer resets the connection (a FIN is logged)."""
+        sock = writer.get_extra_info("socket")
+        seen_fin = False
+        while True:
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+            if state == TCP_CLOSE:
+                return "reset"
+            if state == TCP_CLOSE_WAIT and not seen_fin:
+                seen_fin = True
+                log.info("fin %s", _fields(id=conn.cid))
+            await asyncio.sleep(STATE_POLL)
+
+    # Carrying bytes
+
+    async def _echo(
+        self, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> str:
+        while data := await reader.read(BUFFER):
+            conn.up += len(data)
+            if self._fault_due(len(data)):
+                return await self._fault(conn, writer)
+            writer.write(data)
+            conn.down += len(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        return "eof"
+
+    async def _relay(
+        self,
+        conn: Connection,
+        origin: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> str:
+        o_reader, o_writer = origin
+        ends: dict[str, str] = {}
+
+        async def pump(
+            src: asyncio.StreamReader,
+            dst: asyncio.StreamWriter,
+            way: str,
+            back: asyncio.StreamWriter,
+        ) -> None:
+            """Copy until EOF and pass it on as a half-close; a reset goes on as a reset."""
+            try:
+                while data := await src.read(BUFFER):
+                    if way == "up":
+                        conn.up += len(data)
+                    else:
+                        conn.down += len(data)
+                    if self._fault_due(len(data)):
+                        ends[way] = await self._fault(conn, writer, o_writer)
+                        return
+                    dst.write(data)
+                    await dst.drain()
+                ends[way] = "eof"
+                if dst.can_write_eof() and not dst.transport.is_closing():
+                    dst.write_eof()
+            except OSError as exc:
+                broken = isinstance(exc, (ConnectionResetError, BrokenPipeError))
+                ends[way] = "reset" if broken else f"error:{type(exc).__name__}"
+                reset(dst)
+                reset(back)
+
+        await asyncio.gather(
+            pump(reader, o_writer, "up", writer), pump(o_reader, writer, "down", o_writer)
+        )
+        # how the client's side ended, unless it was clean: then how the origin's did
+        return ends["up"] if ends.get("up") != "eof" else ends.get("down", "eof")
 
 
 async def serve(options: Options) -> None:
@@ -226,13 +517,17 @@ async def serve(options: Options) -> None:
     servers = []
     for host, port in options.listen:
         server = await asyncio.start_server(
-            proxy.handle, host, port, limit=MAX_HEAD, reuse_address=True
+            proxy.handle,
+            host,
+            port,
+            limit=MAX_HEAD,
+            reuse_address=True,
+            reuse_port=options.reuseport or None,
+            backlog=BACKLOG,
         )
         servers.append(server)
         for sock in server.sockets:
-            name = sock.getsockname()
-            shown = f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}"
-            log.info("listening on %s", shown)
+            listening_log.info("listening on %s", _show(sock.getsockname()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -264,38 +559,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dial-timeout", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument(
-        "--reply-status",
-        type=int,
-        metavar="CODE",
-        help="answer every CONNECT with this status and close (fault tests)",
+        "--reply-status", type=int, metavar="CODE", help="answer every CONNECT with CODE, close"
     )
-    parser.add_argument(
-        "--no-reply", action="store_true", help="read the CONNECT and never answer (fault tests)"
-    )
+    parser.add_argument("--mode", choices=MODES, default="relay", help="see above")
     parser.add_argument(
         "--greedy", action="store_true", help="send the 200 together with the origin's first bytes"
+    )
+    parser.add_argument("--delay", type=float, default=0.2, metavar="SECONDS")
+    parser.add_argument("--size", type=int, default=64 * 1024, metavar="BYTES")
+    parser.add_argument("--fault", choices=FAULTS)
+    parser.add_argument("--after", type=int, default=0, metavar="BYTES")
+    parser.add_argument(
+        "--reuseport", action="store_true", help="share the port with other processes"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="log only the listening lines and errors"
+    )
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run on uvloop, as the forwarder does"
     )
     args = parser.parse_args(argv)
     listen = []
     for text in args.listen or [":3128"]:
         try:
-            host, port = parse_hostport(text)
+            listen.append(listen_address(text))
         except ValueError as exc:
             parser.error(f"--listen: {exc}")
-        listen.append((host or None, port))
     options = Options(
         allow=tuple(args.allow),
         dial_timeout=args.dial_timeout,
         reply_status=args.reply_status,
-        no_reply=args.no_reply,
+        mode=args.mode,
         greedy=args.greedy,
+        delay=args.delay,
+        size=args.size,
+        fault=args.fault,
+        after=args.after,
+        reuseport=args.reuseport,
         listen=tuple(listen),
     )
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s connect-proxy %(message)s"
     )
+    if args.quiet:
+        log.setLevel(logging.WARNING)
+        listening_log.setLevel(logging.INFO)
+    loop_factory = None
+    if args.uvloop:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
     try:
-        asyncio.run(serve(options))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(options))
     except OSError as exc:
         print(f"connect_proxy: {exc}", file=sys.stderr)
         return 3

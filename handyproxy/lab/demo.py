@@ -17,25 +17,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import queue
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from handyproxy.lab import netns as lablib
+from handyproxy.lab.output import Output
 
 FORWARDER_PORT = 8443
 PROXY_MODULE = "handyproxy.lab.connect_proxy"
-PROXY_PORT = 3128
+ORIGIN_MODULE = "handyproxy.lab.origin"
+PROXY_PORT = lablib.PROXY_PORT
 ORIGIN_PORT = 80
 GREETING = "Hello from the origin 198.18.0.2 / 2001:db8:18::2: you came through the CONNECT proxy."
 URLS = (f"http://{lablib.ORIGIN_V4}/", f"http://[{lablib.ORIGIN_V6}]/")
 START_TIMEOUT = 10.0
-LOG_SETTLE = 2.0
+LOG_SETTLE = 5.0
 
 
 def missing_requirements() -> list[str]:
@@ -52,29 +53,17 @@ class Hop:
     def __init__(self, name: str, proc: subprocess.Popen[str], sink: queue.Queue[str]) -> None:
         self.name = name
         self.proc = proc
-        self.lines: list[str] = []
-        self._sink = sink
-        self._thread = threading.Thread(target=self._read, name=f"demo-{name}", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            for raw in self.proc.stdout:
-                line = raw.rstrip("\n")
-                self.lines.append(line)
-                self._sink.put(f"{self.name:<10} | {line}")
+        self.output = Output(
+            proc.stdout, name=name, on_line=lambda line: sink.put(f"{name:<10} | {line}")
+        )
 
     def wait_for(self, text: str, timeout: float, start: int = 0) -> bool:
         """True once a line (from index ``start`` on) contains ``text``; False on timeout/exit."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines[start:]):
-                return True
-            if self.proc.poll() is not None and not self._thread.is_alive():
-                return False
-            time.sleep(0.02)
-        return False
+        try:
+            self.output.wait_for(re.escape(text), timeout, since=start)
+        except TimeoutError:
+            return False
+        return True
 
 
 class Demo:
@@ -107,36 +96,36 @@ class Demo:
         (docroot / "index.html").write_text(GREETING + "\n")
         py = sys.executable
         upstream = f"{lablib.UPSTREAM_V4}:{PROXY_PORT}"
-        http_server = ["http.server", "--bind", "::", "--directory", str(docroot)]
+        origin_flags = ["http", "--port", str(ORIGIN_PORT), "--root", str(docroot)]
         proxy_flags = ["--listen", f":{PROXY_PORT}"]
         forwarder_flags = ["-local-port", str(FORWARDER_PORT), "-upstream-proxy", upstream]
-        origin = self.start("origin", "origin", [py, "-u", "-m", *http_server, str(ORIGIN_PORT)])
-        proxy = self.start("upstream", "upstream", [py, "-u", "-m", PROXY_MODULE, *proxy_flags])
+        origin = self.start("origin", "origin", [py, "-m", ORIGIN_MODULE, *origin_flags])
+        proxy = self.start("upstream", "upstream", [py, "-m", PROXY_MODULE, *proxy_flags])
         forwarder = self.start(
             "router", "router", [py, "-m", "handyproxy", *forwarder_flags, "-sniff-timeout", "0"]
         )
-        for hop, ready in (
-            (origin, "Serving HTTP"),
-            (proxy, "listening on"),
-            (forwarder, "listening on"),
-        ):
-            if not hop.wait_for(ready, START_TIMEOUT):
+        for hop in (origin, proxy, forwarder):
+            if not hop.wait_for("listening on", START_TIMEOUT):
                 return f"the {hop.name} process did not start (exit status {hop.proc.poll()})"
         self.lab.redirect(FORWARDER_PORT)
         return None
 
     def fetch(self, url: str) -> bool:
         """Run curl in the client namespace; print its answer and the hops' lines for it."""
-        router = self.hops["router"]
-        seen = len(router.lines)
+        marks = {name: hop.output.mark() for name, hop in self.hops.items()}
         self.say(f"\n$ curl -sS -i {url}      # in the client namespace, no proxy settings")
         proc = self.lab.run(
             "client", ["curl", "-sS", "-i", "--max-time", "10", url], capture_output=True, text=True
         )
         for line in (proc.stdout + proc.stderr).splitlines():
             print(f"{'client':<10} | {line}", flush=True)
-        router.wait_for("tunnel end", LOG_SETTLE, start=seen)
-        time.sleep(0.1)  # the proxy's and origin's lines trail the forwarder's by a moment
+        # each hop's line for this request: the origin's as it answers, the others' at the end
+        for name, text in (
+            ("origin", '"GET /'),
+            ("upstream", "tunnel end"),
+            ("router", "tunnel end"),
+        ):
+            self.hops[name].wait_for(text, LOG_SETTLE, start=marks[name])
         print("-- what each hop logged for it:", flush=True)
         self.flush()
         return proc.returncode == 0 and GREETING in proc.stdout
@@ -226,8 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 with contextlib.suppress(KeyboardInterrupt):
                     while True:
-                        time.sleep(0.2)
-                        demo.flush()
+                        with contextlib.suppress(queue.Empty):
+                            print(out.get(timeout=1.0), flush=True)
             return 0 if ok else 1
     except KeyboardInterrupt:
         print("\ninterrupted; the lab is removed.", file=sys.stderr)

@@ -62,6 +62,8 @@ UPSTREAM_ORIGIN_V4 = "198.18.0.1"
 UPSTREAM_ORIGIN_V6 = "2001:db8:18::1"
 ORIGIN_V4 = "198.18.0.2"
 ORIGIN_V6 = "2001:db8:18::2"
+#: Where the upstream proxy listens in the upstream namespace (the demo's, the tests').
+PROXY_PORT = 3128
 
 #: The address others use to reach each role, by IP version (4 or 6).
 ADDRESSES: dict[int, dict[str, str]] = {
@@ -176,6 +178,7 @@ class Lab:
             raise ValueError(f"lab prefix {self.prefix!r}: lower-case letters/digits, at most 12")
         self.namespaces = {role: f"{self.prefix}-{role}" for role in ROLES}
         self._procs: list[subprocess.Popen[Any]] = []
+        self._group_leaders: set[int] = set()
         self._started = False
         self._closed = False
         self._old_handlers: dict[int, Any] = {}
@@ -337,10 +340,17 @@ class Lab:
         kwargs.setdefault("start_new_session", True)
         proc = subprocess.Popen(self.argv(ns, argv), **kwargs)
         self._procs.append(proc)
+        if kwargs["start_new_session"]:
+            self._group_leaders.add(proc.pid)
         return proc
 
     def stop(self, proc: subprocess.Popen[Any], timeout: float = 3.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status.
+
+        A process started by ``popen`` leads its own process group: whatever it forked and left
+        behind (a forwarder's workers, when the parent was killed) is killed with the group, so
+        nothing keeps running, or holding a port, in the namespace.
+        """
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -350,6 +360,10 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 proc.wait()
+        if proc.pid in self._group_leaders:
+            self._group_leaders.discard(proc.pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ValueError):
             self._procs.remove(proc)
         return proc.returncode
@@ -560,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Ctrl-C removes the lab.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
-                time.sleep(3600)
+                signal.pause()
     return 0
 
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from pathkit import ProcessLog
 
 from handyproxy.lab import demo
+from handyproxy.lab.output import Output
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def test_demo_removes_its_lab_on_ctrl_c():
         [sys.executable, "-m", "handyproxy", "demo", "--keep"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    log = ProcessLog(proc.stdout)
+    log = Output(proc.stdout, name="handyproxy demo")
     try:
         log.wait_for("The lab stays up", timeout=60)
         names = lab_namespaces(log.text())

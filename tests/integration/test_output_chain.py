@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from pathkit import Body, host_of
+from kit.client import host_of
+from kit.origins import Body
 
 from handyproxy.lab import netns as lablib
 

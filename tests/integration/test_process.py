@@ -7,7 +7,9 @@ import json
 import signal
 
 import pytest
-from pathkit import Body, Client, host_of, recv_all, recv_until, sha256_file
+from kit.client import Client, host_of
+from kit.origins import Body
+from kit.wire import recv_all, recv_until, sha256_file
 
 pytestmark = pytest.mark.integration
 

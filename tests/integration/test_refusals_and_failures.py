@@ -7,7 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from pathkit import DOWN_UPSTREAM, PROXY_PORT, Client, each_family, host_of
+from kit.client import Client, host_of
+from kit.fixtures import each_family
+from kit.forwarder import DOWN_UPSTREAM
+
+from handyproxy.lab.netns import PROXY_PORT
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +80,7 @@ def test_upstream_403_resets_client_promptly(
 def test_upstream_that_never_answers_resets_client_after_dial_timeout(
     family, client: Client, start_upstream, start_handyproxy
 ):
-    upstream = start_upstream("builtin", no_reply=True)
+    upstream = start_upstream("builtin", mode="stall")
     forwarder = start_handyproxy(dial_timeout="700ms")
 
     elapsed = client.expect_reset(family, 80, REQUEST)

@@ -6,17 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from pathkit import (
-    ORIGIN_NAME,
-    ORIGIN_PORTS,
-    Body,
-    Client,
-    each_family,
-    echo_exchange,
-    host_of,
-    recv_all,
-    sha256_file,
-)
+from kit.client import Client, host_of
+from kit.fixtures import each_family
+from kit.origins import ORIGIN_NAME, ORIGIN_PORTS, Body
+from kit.wire import echo_exchange, recv_all, sha256_file
 
 pytestmark = pytest.mark.integration
 

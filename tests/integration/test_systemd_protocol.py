@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from pathkit import PROXY_PORT, Client, ProcessLog, host_of, sha256_file
+from kit.client import Client, host_of
+from kit.notify import NotifySocket
+from kit.wire import sha256_file
 
 from handyproxy.lab import netns as lablib
+from handyproxy.lab.output import Output
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +38,13 @@ os.execv(sys.executable, [sys.executable, "-m", "handyproxy", *sys.argv[1:]])
 
 
 def test_socket_activation_and_notify_messages(
-    tmp_path: Path, lab: lablib.Lab, client: Client, body, start_origin, start_upstream
+    lab: lablib.Lab, client: Client, body, start_origin, start_upstream
 ):
     start_origin("http")
     start_upstream("builtin")
-    notify_path = tmp_path / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.settimeout(10)
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-    upstream = f"{lablib.UPSTREAM_V4}:{PROXY_PORT}"
+    notify = NotifySocket()
+    env = {**os.environ, **notify.env}
+    upstream = f"{lablib.UPSTREAM_V4}:{lablib.PROXY_PORT}"
     argv = [sys.executable, "-c", LAUNCHER, "-local-port", "1", "-upstream-proxy", upstream]
     proc = lab.popen(
         "router", argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -54,12 +52,12 @@ def test_socket_activation_and_notify_messages(
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        log = ProcessLog(proc.stderr)
+        log = Output(proc.stderr, name="handyproxy")
         try:
-            first = notify.recv(4096)
+            notify.messages.wait_for("^READY=1$")
         except TimeoutError:
             pytest.fail(f"no READY=1 within 10s; log:\n{log.text()}")
-        assert first.split(b"\n")[0] == b"READY=1"
+        assert notify.messages.lines[0] == "READY=1"  # the first line of the first message
         log.wait_for(rf"listening on \[::\]:{port} ")  # the inherited socket, not -local-port 1
         lab.redirect(port)
 
@@ -67,12 +65,9 @@ def test_socket_activation_and_notify_messages(
         assert result.returncode == 0, result.stderr
         assert sha256_file(out) == body.sha256
 
-        messages = b""
-        while b"STATUS=1 tunnels open" not in messages and b"STATUS=0 tunnels open" not in messages:
-            messages += notify.recv(4096) + b"\n"
+        notify.messages.wait_for(r"^STATUS=[01] tunnels open$")
         proc.send_signal(signal.SIGTERM)
-        while b"STOPPING=1" not in messages:
-            messages += notify.recv(4096) + b"\n"
+        notify.messages.wait_for("^STOPPING=1$")
         assert proc.wait(timeout=10) == 0
     finally:
         lab.unredirect()

@@ -6,19 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from pathkit import (
-    ORIGIN_PORTS,
-    PROXY_PORT,
-    SEEN_BY_ORIGIN,
-    Body,
-    Client,
-    each_family,
-    echo_exchange,
-    host_of,
-    recv_all,
-    recv_until,
-    sha256_file,
-)
+from kit.client import Client, host_of
+from kit.fixtures import each_family
+from kit.origins import ORIGIN_PORTS, SEEN_BY_ORIGIN, Body
+from kit.wire import echo_exchange, recv_all, recv_until, sha256_file
 
 from handyproxy.lab import netns as lablib
 
@@ -59,7 +50,7 @@ def test_download_through_an_upstream_given_as_a_bracketed_ipv6_literal(
 ):
     start_origin("http")
     start_upstream("squid")
-    forwarder = start_handyproxy(upstream_proxy=f"[{lablib.UPSTREAM_V6}]:{PROXY_PORT}")
+    forwarder = start_handyproxy(upstream_proxy=f"[{lablib.UPSTREAM_V6}]:{lablib.PROXY_PORT}")
 
     result, out = client.curl(f"http://{host_of(4)}/body.bin", 4)
 

@@ -3,8 +3,9 @@
 Runs inside the lab's client namespace (one process per ~10,000 connections: a process may not
 hold more descriptors than the machine's hard limit). Each connection goes to the origin address
 (the router's REDIRECT sends it to the forwarder), sends a short message and waits for the echo
-from the ``echo`` fake upstream. Then the process reports and holds every connection until a line
-arrives on stdin, closes them all, and reports again. Output: one JSON object per line.
+from the lab's CONNECT proxy in ``echo`` mode. Then the process reports and holds every
+connection until a line arrives on stdin, closes them all, and reports again. Output: one JSON
+object per line.
 
     {"ev": "held", "ok": 10000, "failed": 0, "errors": {}, "seconds": 4.2}
     {"ev": "closed", "seconds": 0.3}
@@ -16,10 +17,11 @@ import argparse
 import asyncio
 import collections
 import json
-import socket
 import sys
 import time
 from collections.abc import Sequence
+
+from handyproxy.sockets import reset_socket
 
 
 def emit(**event: object) -> None:
@@ -66,11 +68,10 @@ async def run(args: argparse.Namespace) -> None:
     await loop.run_in_executor(None, sys.stdin.readline)
     started = time.monotonic()
     for writer in writers:
-        sock = writer.get_extra_info("socket")
-        if args.reset and sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        if args.reset:
+            reset_socket(writer.get_extra_info("socket"))
         writer.close()
-    await asyncio.sleep(0)
+    await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
     emit(ev="closed", seconds=round(time.monotonic() - started, 2))
 
 

@@ -12,23 +12,21 @@ import socket
 import time
 
 import pytest
-from faultkit import ORIGIN, ORIGIN6, payload, recv_until_end, reset_close, settle_fds
+from kit.wire import recv_until_end, reset_close
+
+from handyproxy.lab.netns import ORIGIN_V4
+from handyproxy.lab.origin import payload
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["splice", "copy"])
-def relay(request):
-    """Every fault is checked against both relays: splice (the default) and copy."""
-    return request.param
-
-
-@pytest.mark.parametrize("origin", [ORIGIN, ORIGIN6], ids=["ipv4", "ipv6"])
-def test_upstream_reset_mid_tunnel_resets_client(lab, start_fake, start_forwarder, relay, origin):
-    upstream = start_fake("upstream", mode="echo", fault="reset", after=3000)
-    fwd = start_forwarder("-relay", relay)
-    baseline = settle_fds(fwd)
-    sock = lab.connect("client", origin, 5000)
+def test_upstream_reset_mid_tunnel_resets_client(
+    lab, start_upstream, start_handyproxy, relay, family
+):
+    upstream = start_upstream("builtin", mode="echo", fault="reset", after=3000)
+    fwd = start_handyproxy("-relay", relay)
+    baseline = fwd.fd_count()
+    sock = lab.connect("client", lab.address("origin", family), 5000)
     sock.sendall(b"a" * 1000)
     assert sock.recv(4096)  # the tunnel works before the fault
     sock.sendall(b"b" * 5000)
@@ -43,16 +41,16 @@ def test_upstream_reset_mid_tunnel_resets_client(lab, start_fake, start_forwarde
     assert fwd.alive()
 
 
-def test_upstream_dying_mid_tunnel_resets_client(lab, start_fake, start_forwarder, relay):
+def test_upstream_dying_mid_tunnel_resets_client(lab, start_upstream, start_handyproxy, relay):
     """The proxy process crashes holding unread bytes, so its kernel resets the connection.
 
     The client sends everything first and only then reads, so the one ECONNRESET the kernel
     reports goes to the read we assert on (a concurrent sender could swallow it).
     """
-    start_fake("upstream", mode="echo", fault="die", after=50_000)
-    fwd = start_forwarder("-relay", relay)
-    baseline = settle_fds(fwd)
-    sock = lab.connect("client", ORIGIN, 5001)
+    start_upstream("builtin", mode="echo", fault="die", after=50_000)
+    fwd = start_handyproxy("-relay", relay)
+    baseline = fwd.fd_count()
+    sock = lab.connect("client", ORIGIN_V4, 5001)
     try:
         sock.sendall(b"u" * 300_000)
     except ConnectionResetError:
@@ -68,12 +66,12 @@ def test_upstream_dying_mid_tunnel_resets_client(lab, start_fake, start_forwarde
 
 
 def test_upstream_stalling_mid_tunnel_is_reset_both_ways_at_idle_timeout(
-    lab, start_fake, start_forwarder, relay
+    lab, start_upstream, start_handyproxy, relay
 ):
-    upstream = start_fake("upstream", mode="echo", fault="stall", after=100)
-    fwd = start_forwarder("-relay", relay, "-idle-timeout", "2s")
-    baseline = settle_fds(fwd)
-    sock = lab.connect("client", ORIGIN, 5002)
+    upstream = start_upstream("builtin", mode="echo", fault="stall", after=100)
+    fwd = start_handyproxy("-relay", relay, "-idle-timeout", "2s")
+    baseline = fwd.fd_count()
+    sock = lab.connect("client", ORIGIN_V4, 5002)
     started = time.monotonic()
     sock.sendall(b"x" * 200)
     _data, how = recv_until_end(sock, timeout=10)
@@ -83,17 +81,18 @@ def test_upstream_stalling_mid_tunnel_is_reset_both_ways_at_idle_timeout(
     assert 1.5 <= elapsed <= 5.0, elapsed
     assert fwd.wait_record()["end"] == "idle-timeout"
     end = upstream.wait_event("end", timeout=5)
-    assert end["how"] == "reset", end
+    assert end["end"] == "reset", end
     assert fwd.wait_fds(baseline) == baseline
 
 
-@pytest.mark.parametrize("origin", [ORIGIN, ORIGIN6], ids=["ipv4", "ipv6"])
-def test_origin_reset_mid_download_resets_client(lab, start_fake, start_forwarder, relay, origin):
-    start_fake("upstream", mode="relay")
-    start_fake("origin")
-    fwd = start_forwarder("-relay", relay)
-    baseline = settle_fds(fwd)
-    sock = lab.connect("client", origin, 80)
+def test_origin_reset_mid_download_resets_client(
+    lab, start_upstream, start_origin, start_handyproxy, relay, family
+):
+    start_upstream("builtin")
+    start_origin("http")
+    fwd = start_handyproxy("-relay", relay)
+    baseline = fwd.fd_count()
+    sock = lab.connect("client", lab.address("origin", family), 80)
     sock.sendall(b"GET /dl?size=2000000&seed=7&reset=300000 HTTP/1.0\r\n\r\n")
     data, how = recv_until_end(sock, timeout=10)
     sock.close()
@@ -105,12 +104,14 @@ def test_origin_reset_mid_download_resets_client(lab, start_fake, start_forwarde
     assert fwd.wait_fds(baseline) == baseline
 
 
-def test_client_reset_mid_download_resets_upstream_side(lab, start_fake, start_forwarder, relay):
-    upstream = start_fake("upstream", mode="relay")
-    start_fake("origin")
-    fwd = start_forwarder("-relay", relay)
-    baseline = settle_fds(fwd)
-    sock = lab.connect("client", ORIGIN, 80)
+def test_client_reset_mid_download_resets_upstream_side(
+    lab, start_upstream, start_origin, start_handyproxy, relay
+):
+    upstream = start_upstream("builtin")
+    start_origin("http")
+    fwd = start_handyproxy("-relay", relay)
+    baseline = fwd.fd_count()
+    sock = lab.connect("client", ORIGIN_V4, 80)
     sock.sendall(b"GET /dl?size=5000000&seed=1&rate=500000 HTTP/1.0\r\n\r\n")
     got = 0
     while got < 100_000:
@@ -118,17 +119,18 @@ def test_client_reset_mid_download_resets_upstream_side(lab, start_fake, start_f
     reset_close(sock)
     assert fwd.wait_record()["end"] == "client-reset"
     end = upstream.wait_event("end", timeout=5)
-    assert end["how"] == "reset", f"upstream saw {end['how']}, not a reset"
+    assert end["end"] == "reset", f"upstream saw {end['end']}, not a reset"
     assert fwd.wait_fds(baseline) == baseline
 
 
+@pytest.mark.fresh_lab  # it takes the client's link down
 def test_client_vanishing_without_fin_is_reset_at_idle_timeout(
-    lab, start_fake, start_forwarder, relay
+    lab, start_upstream, start_handyproxy, relay
 ):
-    upstream = start_fake("upstream", mode="echo")
-    fwd = start_forwarder("-relay", relay, "-idle-timeout", "2s")
-    baseline = settle_fds(fwd)
-    sock = lab.connect("client", ORIGIN, 5003)
+    upstream = start_upstream("builtin", mode="echo")
+    fwd = start_handyproxy("-relay", relay, "-idle-timeout", "2s")
+    baseline = fwd.fd_count()
+    sock = lab.connect("client", ORIGIN_V4, 5003)
     sock.sendall(b"hello")
     assert sock.recv(100) == b"hello"
     assert fwd.fd_count() == baseline + 2  # client and upstream sockets
@@ -139,19 +141,19 @@ def test_client_vanishing_without_fin_is_reset_at_idle_timeout(
     assert record["end"] == "idle-timeout"
     assert time.monotonic() - vanished <= 5.0
     end = upstream.wait_event("end", timeout=5)
-    assert end["how"] == "reset", f"upstream saw {end['how']}, not a reset"
+    assert end["end"] == "reset", f"upstream saw {end['end']}, not a reset"
     assert fwd.wait_fds(baseline) == baseline
     sock.close()
 
 
 def test_client_half_close_then_silence_is_reset_at_half_close_timeout(
-    lab, start_fake, start_forwarder, relay
+    lab, start_upstream, start_handyproxy, relay
 ):
     """A client that sends FIN while the server never closes cannot pin descriptors forever."""
-    upstream = start_fake("upstream", mode="hold")
-    fwd = start_forwarder("-relay", relay, "-half-close-timeout", "2s")
-    baseline = settle_fds(fwd)
-    sock = lab.connect("client", ORIGIN, 5004)
+    upstream = start_upstream("builtin", mode="hold")
+    fwd = start_handyproxy("-relay", relay, "-half-close-timeout", "2s")
+    baseline = fwd.fd_count()
+    sock = lab.connect("client", ORIGIN_V4, 5004)
     sock.sendall(b"last words")
     sock.shutdown(socket.SHUT_WR)
     started = time.monotonic()
@@ -163,5 +165,5 @@ def test_client_half_close_then_silence_is_reset_at_half_close_timeout(
     assert record["end"] == "half-close-timeout"
     assert record["up"] == "10"
     end = upstream.wait_event("end", timeout=5)
-    assert (end["how"], end["up"]) == ("reset", 10)
+    assert (end["end"], end["up"]) == ("reset", "10")
     assert fwd.wait_fds(baseline) == baseline

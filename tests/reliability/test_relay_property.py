@@ -16,9 +16,11 @@ import threading
 import time
 
 import pytest
-from faultkit import ORIGIN, UPSTREAM, recv_until_end
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.wire import recv_until_end
+
+from handyproxy.lab.netns import ORIGIN_V4
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,20 +58,16 @@ class Reader(threading.Thread):
             self.end = type(exc).__name__
 
 
-@pytest.fixture(params=["splice", "copy"])
-def tunnel_factory(request, lab, start_forwarder):
+@pytest.fixture
+def tunnel_factory(lab, relay, upstream_listener, start_handyproxy):
     """Returns ``open(port, banner) -> (client_sock, origin_sock)`` plus the forwarder."""
-    listener = lab.socket("upstream")
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((UPSTREAM, 3128))
-    listener.listen(16)
-    listener.settimeout(10)
-    fwd = start_forwarder("-relay", request.param, "-half-close-timeout", "0")
+    listener = upstream_listener
+    fwd = start_handyproxy("-relay", relay, "-half-close-timeout", "0")
 
     def open_tunnel(
         port: int, banner: bytes, rest: bytes = b"", fin: bool = False
     ) -> tuple[socket.socket, socket.socket]:
-        client = lab.connect("client", ORIGIN, port)
+        client = lab.connect("client", ORIGIN_V4, port)
         origin, _ = listener.accept()
         origin.settimeout(10)
         head = b""
@@ -77,7 +75,7 @@ def tunnel_factory(request, lab, start_forwarder):
             chunk = origin.recv(4096)
             assert chunk, "forwarder closed before sending its CONNECT"
             head += chunk
-        assert head.startswith(f"CONNECT {ORIGIN}:{port} HTTP/1.1\r\n".encode())
+        assert head.startswith(f"CONNECT {ORIGIN_V4}:{port} HTTP/1.1\r\n".encode())
         assert head.endswith(b"\r\n\r\n"), "bytes after the CONNECT header before the reply"
         origin.sendall(REPLY + banner)  # the origin's first bytes ride with the reply
         if rest:
@@ -86,8 +84,7 @@ def tunnel_factory(request, lab, start_forwarder):
             origin.shutdown(socket.SHUT_WR)
         return client, origin
 
-    yield open_tunnel, fwd
-    listener.close()
+    return open_tunnel, fwd
 
 
 @given(
@@ -134,7 +131,7 @@ def test_relay_delivers_exactly_the_bytes_sent_both_ways(tunnel_factory, script,
     assert readers["origin"].end == "eof"
     assert bytes(readers["origin"].data) == bytes(sent["client"])
     assert bytes(readers["client"].data) == bytes(sent["origin"])
-    record = fwd.wait_record(lambda r: r["dst"] == f"{ORIGIN}:{port}", timeout=10)
+    record = fwd.wait_record(lambda r: r["dst"] == f"{ORIGIN_V4}:{port}", timeout=10)
     assert (record["end"], record["up"], record["down"]) == (
         "eof",
         str(len(sent["client"])),
@@ -153,7 +150,7 @@ def test_origin_that_closes_right_after_the_reply_gives_the_client_fin(tunnel_fa
         client.close()
         origin.close()
         assert (data, how) == (b"421 too busy\r\n", "eof")
-        record = fwd.wait_record(lambda r, port=port: r["dst"] == f"{ORIGIN}:{port}")
+        record = fwd.wait_record(lambda r, port=port: r["dst"] == f"{ORIGIN_V4}:{port}")
         assert record["end"] == "eof"
 
 

@@ -14,7 +14,9 @@ import signal
 import time
 
 import pytest
-from faultkit import ORIGIN, ORIGIN6, payload, settle_fds
+
+from handyproxy.lab.netns import ORIGIN_V4, ORIGIN_V6
+from handyproxy.lab.origin import payload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,18 +33,19 @@ def download_plan() -> list[tuple[int, str, int]]:
     """(index, host, size): even downloads are short, odd ones long; every 4th over IPv6."""
     plan = []
     for i in range(DOWNLOADS):
-        host = f"[{ORIGIN6}]" if i % 4 == 3 else ORIGIN
+        host = f"[{ORIGIN_V6}]" if i % 4 == 3 else ORIGIN_V4
         plan.append((i, host, SHORT if i % 2 == 0 else LONG))
     return plan
 
 
 def test_sigterm_drains_or_resets_100_downloads_and_never_truncates_cleanly(
-    lab, start_fake, start_forwarder, tmp_path
+    lab, start_upstream, start_origin, start_handyproxy, tmp_path
 ):
-    start_fake("upstream", mode="relay")
-    origin = start_fake("origin")
-    fwd = start_forwarder("-drain-timeout", f"{DRAIN:g}s")
-    baseline = settle_fds(fwd)
+    start_upstream("builtin")
+    origin = start_origin("http")
+    fwd = start_handyproxy("-drain-timeout", f"{DRAIN:g}s")
+    baseline = fwd.fd_count()
+    ours = rf"/dl\?size=\d+&seed=\d+&rate={RATE}"  # this test's downloads, by their URL
     script = ["set -u", f"cd {tmp_path}"]
     for i, host, size in download_plan():
         url = f"http://{host}/dl?size={size}&seed={i}&rate={RATE}"
@@ -52,20 +55,17 @@ def test_sigterm_drains_or_resets_100_downloads_and_never_truncates_cleanly(
     script.append("wait")
     clients = lab.popen("client", ["bash", "-c", "\n".join(script)])
     try:
-        deadline = time.monotonic() + 30
-        while len(origin.events("request")) < DOWNLOADS:
-            assert time.monotonic() < deadline, "the downloads did not all start"
-            time.sleep(0.05)
-        running = DOWNLOADS - len(origin.events("end"))
+        origin.log.wait_for(f'"GET {ours} ', timeout=30, count=DOWNLOADS)  # all started
+        running = DOWNLOADS - len(origin.log.matching(f"download end .* target={ours} "))
         assert running >= DOWNLOADS // 2  # every long one, at least
         assert fwd.fd_count() >= baseline + 2 * running
-        fwd.popen.send_signal(signal.SIGTERM)
+        fwd.proc.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
-        fwd.wait_line("stopping", timeout=5)
+        fwd.log.wait_for("stopping", timeout=5)
         # The listener is gone at once: a new client is refused, not queued.
         with pytest.raises(ConnectionRefusedError):
-            lab.connect("client", ORIGIN, 80, timeout=3).close()
-        status = fwd.popen.wait(DRAIN + 10)
+            lab.connect("client", ORIGIN_V4, 80, timeout=3).close()
+        status = fwd.proc.wait(DRAIN + 10)
         took = time.monotonic() - stopped_at
         assert clients.wait(60) == 0
     finally:
@@ -94,4 +94,4 @@ def test_sigterm_drains_or_resets_100_downloads_and_never_truncates_cleanly(
     ends = [r["end"] for r in fwd.records()]
     assert ends.count("shutdown") == DOWNLOADS // 2
     assert ends.count("eof") == DOWNLOADS // 2
-    assert "reset=50" in fwd.wait_line("stopped")
+    assert "reset=50" in fwd.log.wait_for("stopped")[0].string

@@ -88,26 +88,25 @@ def test_cleanup_stale_ignores_namespaces_it_did_not_create(tmp_path, monkeypatc
     assert lablib.cleanup_stale() == []
 
 
-# The built-in CONNECT proxy: parsing
+# The built-in CONNECT proxy: its --listen addresses (targets are split by handyproxy.address)
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("origin.test:443", ("origin.test", 443)),
-        ("198.18.0.2:80", ("198.18.0.2", 80)),
-        ("[2001:db8:18::2]:8443", ("2001:db8:18::2", 8443)),
-        (":3128", ("", 3128)),
+        (":3128", (None, 3128)),
+        ("203.0.113.2:3128", ("203.0.113.2", 3128)),
+        ("[2001:db8:113::2]:8443", ("2001:db8:113::2", 8443)),
     ],
 )
-def test_connect_targets_parse_with_brackets_for_ipv6(text, expected):
-    assert cp.parse_hostport(text) == expected
+def test_listen_addresses_parse_with_brackets_for_ipv6_and_a_bare_port_for_all(text, expected):
+    assert cp.listen_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["origin.test", "2001:db8::1:80", "[::1]", "[::1]x", "h:99999"])
-def test_connect_targets_without_a_clear_port_are_rejected(text):
+@pytest.mark.parametrize("text", ["203.0.113.2", "2001:db8::1:80", "[::1]", "[::1]x", "h:99999"])
+def test_listen_addresses_without_a_clear_port_are_rejected(text):
     with pytest.raises(ValueError):
-        cp.parse_hostport(text)
+        cp.listen_address(text)
 
 
 def test_allow_list_matches_host_or_host_and_port_globs():

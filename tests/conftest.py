@@ -1,0 +1,3 @@
+"""Every test directory shares one kit (``tests/kit``): its fixtures are loaded here, once."""
+
+pytest_plugins = ["kit.fixtures"]
