@@ -24,6 +24,8 @@ import time
 
 import uvloop
 
+from handyproxy.address import split_hostport
+
 perf = time.perf_counter
 
 
@@ -38,11 +40,6 @@ def raise_nofile(limit: int = 262144) -> None:
     except (ValueError, OSError):
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class Tunnel(asyncio.Protocol):

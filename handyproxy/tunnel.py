@@ -1,8 +1,9 @@
 """One connection's whole story, in order: original destination, loop guard, sniff, CONNECT,
 relay, and one access record at the end.
 
-Errors from the steps are narrow exceptions; they are caught here, turned into a reset of the
-client, and logged once.
+Errors from the steps are narrow exceptions; they are caught here and turned into a reset of
+the client, and the one access record says how the tunnel ended. Only an unexpected exception
+(a bug) is logged twice: its traceback first, then that record with ``end=error``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ say() { printf '\n==> %s\n' "$*" >&2; }
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
-        echo "$(basename "$0"): run as root (sudo): it builds network namespaces${1:+ and $1}" >&2
+        echo "$(basename "$0"): run it as root (or with sudo): it builds network namespaces${1:+ and $1}" >&2
         exit 1
     fi
 }
@@ -35,6 +35,7 @@ make_venv() {
         return 0
     fi
     say "creating $VENV"
+    apt_install python3-venv  # Debian's python3 lacks ensurepip without it
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     local req

@@ -9,10 +9,11 @@ nothing leaked.
 Why a script and not a test: ten minutes does not fit the CI budget, and an operator may want to
 soak a candidate build for an hour. CI runs it for 30 s (tests/reliability/test_soak_smoke.py).
 
-The lab: client → router (handyproxy, REDIRECT) → upstream (tests/reliability/fakes.py, an honest
-CONNECT proxy that passes resets on) → origin (fakes.py origin: reproducible downloads). The
-forwarder gets a NOTIFY_SOCKET of our own, so the tunnel count it reports to systemd
-(``STATUS=N tunnels open``) can be read and checked against the kernel's socket count.
+The lab: client → router (handyproxy, REDIRECT) → upstream (handyproxy.lab.connect_proxy, an
+honest CONNECT proxy that passes resets on) → origin (handyproxy.lab.origin: reproducible
+downloads), started with the test kit (tests/kit). The forwarder gets a NOTIFY_SOCKET of our
+own, so the tunnel count it reports to systemd (``STATUS=N tunnels open``) can be read and
+checked against the kernel's socket count.
 
 Traffic (``--clients`` workers, each picking at random, in the client namespace):
   short      small download (1-64 KiB), must arrive intact, clean end
@@ -41,24 +42,26 @@ import contextlib
 import json
 import os
 import random
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-RELIABILITY = REPO / "tests" / "reliability"
-sys.path.insert(0, str(RELIABILITY))
+sys.path.insert(0, str(REPO / "tests"))  # the test kit
 sys.path.insert(0, str(REPO))
 
-ORIGIN = "198.18.0.2"
-ORIGIN6 = "2001:db8:18::2"
+from handyproxy.lab.netns import ORIGIN_V4 as ORIGIN  # noqa: E402
+from handyproxy.lab.netns import ORIGIN_V6 as ORIGIN6  # noqa: E402
+from handyproxy.lab.origin import payload  # noqa: E402
+from handyproxy.sockets import reset_socket  # noqa: E402
+
 KINDS = {"short": 30, "long": 10, "half-close": 20, "reset": 15, "origin-rst": 10, "idle": 15}
+#: Every tunnel ends within this after the traffic stops (idle timeout 2 s, half-close 5 s,
+#: the forwarder's one-second tick).
+QUIET_WITHIN = 15.0
 
 
 # --- traffic generator (runs inside the client namespace) --------------------------------------
@@ -74,9 +77,7 @@ async def download(
     reset_at: int = -1,
     abort_after: int = -1,
 ) -> str:
-    """One HTTP/1.0 download from fakes.py's origin; returns an outcome name."""
-    from faultkit import payload
-
+    """One HTTP/1.0 download from the lab's origin; returns an outcome name."""
     reader, writer = await asyncio.open_connection(host, 80)
     local = writer.get_extra_info("sockname")
     query = f"size={size}&seed={seed}" + (f"&rate={rate}" if rate else "")
@@ -92,8 +93,7 @@ async def download(
         while chunk := await reader.read(65536):
             body += chunk
             if 0 <= abort_after <= len(body):
-                sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_socket(writer.get_extra_info("socket"))
                 writer.transport.abort()
                 return "reset-sent"
     except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
@@ -190,136 +190,38 @@ def traffic_main(args: argparse.Namespace) -> int:
 # --- the soak (runs in the root namespace, drives the lab) --------------------------------------
 
 
-class StatusListener(threading.Thread):
-    """Our own NOTIFY_SOCKET: remembers the forwarder's last ``STATUS=`` text."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(0.5)
-        self.status = ""
-        self.ready = False
-        self.running = True
-
-    def run(self) -> None:
-        while self.running:
-            try:
-                data = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            for line in data.splitlines():
-                if line == "READY=1":
-                    self.ready = True
-                elif line.startswith("STATUS="):
-                    self.status = line[7:]
-
-    def open_tunnels(self) -> int | None:
-        head = self.status.split(" ", 1)[0]
-        return int(head) if head.isdigit() else None
-
-    def stop(self) -> None:
-        self.running = False
-        self.sock.close()
-
-
 def established(lab: Any, ns: str) -> int:
     out = lab.run(ns, ["ss", "-Htn", "state", "established"], capture_output=True, text=True)
     return len(out.stdout.splitlines())
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from faultkit import FAKES, Fake, Forwarder
+    from kit import forwarder, origins, upstreams
+    from kit.notify import NotifySocket
+    from kit.waiting import wait_until
 
     from handyproxy.lab.netns import Lab
 
     result: dict[str, Any] = {"duration": args.duration, "relay": args.relay, "failures": []}
     fail = result["failures"].append
-    tmp = tempfile.mkdtemp(prefix="hp-soak-")
-    notify_path = os.path.join(tmp, "notify")
-    status = StatusListener(notify_path)
-    status.start()
-
-    def popen(lab: Lab, ns: str, argv: list[str], **kw: Any) -> subprocess.Popen[str]:
-        return lab.popen(
-            ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, **kw
+    with NotifySocket() as status, tempfile.TemporaryDirectory() as www, Lab() as lab:
+        upstreams.launch(lab, "builtin", quiet=True)
+        origins.launch(lab, "http", Path(www), quiet=True)  # only /dl is asked for
+        fwd = forwarder.launch(
+            lab,
+            "-relay",
+            args.relay,
+            "-idle-timeout",
+            "2s",
+            "-half-close-timeout",
+            "5s",
+            env=status.env,
         )
-
-    with Lab(prefix=f"hs{os.getpid() % 100000}") as lab:
-        upstream = Fake(
-            popen(
-                lab,
-                "upstream",
-                [
-                    sys.executable,
-                    str(FAKES),
-                    "upstream",
-                    "--listen",
-                    "203.0.113.2:3128",
-                    "--mode",
-                    "relay",
-                    "--quiet",
-                ],
-            ),
-            "upstream",
-        )
-        origin = Fake(
-            popen(
-                lab,
-                "origin",
-                [
-                    sys.executable,
-                    str(FAKES),
-                    "origin",
-                    "--listen",
-                    f"{ORIGIN}:80",
-                    "--listen",
-                    f"[{ORIGIN6}]:80",
-                    "--quiet",
-                ],
-            ),
-            "origin",
-        )
-        upstream.wait_line("listening")
-        origin.wait_line("listening")
-        # The fakes log every connection; keep only the forwarder's lines in memory.
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-        fwd = Forwarder(
-            popen(
-                lab,
-                "router",
-                [
-                    sys.executable,
-                    "-m",
-                    "handyproxy",
-                    "-local-port",
-                    "8443",
-                    "-upstream-proxy",
-                    "203.0.113.2:3128",
-                    "-relay",
-                    args.relay,
-                    "-idle-timeout",
-                    "2s",
-                    "-half-close-timeout",
-                    "5s",
-                ],
-                env=env,
-            ),
-            "handyproxy",
-        )
-        deadline = time.monotonic() + 15
-        while not status.ready:
-            if time.monotonic() > deadline or not fwd.alive():
-                raise SystemExit(f"the forwarder did not start:\n{fwd.text()}")
-            time.sleep(0.05)
-        lab.redirect(8443)
-        time.sleep(0.5)
+        status.messages.wait_for("^READY=1$")
+        lab.redirect(fwd.port)
         base_sockets = fwd.fd_count()
         base_rss = fwd.rss_kib()
-        gen = popen(
-            lab,
+        gen = lab.popen(
             "client",
             [
                 sys.executable,
@@ -332,12 +234,19 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 "--seed",
                 str(args.seed),
             ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         samples = []
         warm_rss = None
         started = time.monotonic()
-        while gen.poll() is None:
-            time.sleep(min(5.0, max(1.0, args.duration / 20)))
+        period = min(5.0, max(1.0, args.duration / 20))
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gen.wait(period)  # a sample every period until the traffic ends
+            if gen.poll() is not None:
+                break
             elapsed = time.monotonic() - started
             sample = {
                 "t": round(elapsed, 1),
@@ -366,13 +275,13 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             fail(f"traffic generator failed: {err[-2000:]}")
         result["generator_stderr"] = err.splitlines()[-50:]
         result["traffic"] = counts
-        # Quiet: every tunnel must end (idle timeout 2 s, half-close 5 s, tick 1 s).
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if status.open_tunnels() == 0 and established(lab, "router") == 0:
-                break
-            time.sleep(0.5)
-        time.sleep(1.5)  # one more STATUS tick
+        # Quiet: every tunnel must end; what remains after QUIET_WITHIN is reported below.
+        with contextlib.suppress(AssertionError):
+            wait_until(
+                lambda: status.open_tunnels() == 0 and established(lab, "router") == 0,
+                QUIET_WITHIN,
+                interval=0.2,
+            )
         end = {
             "rss_kib": fwd.rss_kib(),
             "sockets": fwd.fd_count(),
@@ -389,7 +298,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         if not fwd.alive():
             fail("the forwarder is not running at the end")
         if end["reported"] != 0:
-            fail(f"the forwarder still reports open tunnels: {status.status!r}")
+            fail(f"the forwarder still reports open tunnels: {status.last_status()!r}")
         if end["kernel_established"] != 0:
             fail(f"{end['kernel_established']} established sockets left in the router namespace")
         if end["sockets"] != base_sockets:
@@ -419,16 +328,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         result["unexpected_records"] = [
             r for r in records if r.get("client", "").rsplit(":", 1)[-1] in ports
         ]
-        tracebacks = [line for line in fwd.lines if "Traceback" in line]
+        tracebacks = [line for line in fwd.log.lines if "Traceback" in line]
         if tracebacks:
             fail(f"{len(tracebacks)} tracebacks in the forwarder's log")
-        lab.stop(fwd.popen)
-        for proc in (upstream, origin):
-            lab.stop(proc.popen)
-    status.stop()
-    with contextlib.suppress(OSError):
-        os.unlink(notify_path)
-        os.rmdir(tmp)
     result["passed"] = not result["failures"]
     return result
 

@@ -72,13 +72,24 @@ class Origin:
         return replace(self, log=self.log.view())
 
 
-def launch(lab: Lab, kind: str, body: Body, tls_cert: tuple[Path, Path]) -> Origin:
-    """Start the origin of ``kind`` on its port; returns once it listens."""
+def launch(
+    lab: Lab,
+    kind: str,
+    root: Path,
+    tls_cert: tuple[Path, Path] | None = None,
+    *,
+    quiet: bool = False,
+) -> Origin:
+    """Start the origin of ``kind`` on its port, serving ``root``; returns once it listens.
+
+    ``https`` needs ``tls_cert``; ``quiet`` keeps it from logging every request.
+    """
     port = ORIGIN_PORTS[kind]
-    cert, key = tls_cert
-    argv = [*ORIGIN, kind, "--port", str(port), "--root", str(body.root)]
+    argv = [*ORIGIN, kind, "--port", str(port), "--root", str(root)]
     if kind == "https":
-        argv += ["--cert", str(cert), "--key", str(key)]
+        assert tls_cert is not None, "https needs a certificate"
+        argv += ["--cert", str(tls_cert[0]), "--key", str(tls_cert[1])]
+    argv += ["--quiet"] if quiet else []
     proc = lab.popen("origin", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                      stdin=subprocess.DEVNULL, text=True)  # fmt: skip
     log = Output(proc.stdout, name=f"{kind} origin")
@@ -103,7 +114,7 @@ class Origins:
         """The origin of ``kind`` (started now, or kept from a test before), log view empty."""
         origin = self.running.get(kind)
         if origin is None or origin.proc.poll() is not None:
-            origin = self.running[kind] = launch(self.lab, kind, self.body, self.tls_cert)
+            origin = self.running[kind] = launch(self.lab, kind, self.body.root, self.tls_cert)
         return origin.view()
 
     def stop(self) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from kit.records import fields
 
 from handyproxy.lab import connect_proxy as cp
 from handyproxy.lab import netns as lablib
@@ -211,6 +213,60 @@ def test_connect_proxy_answers_errors_with_a_status_and_closes(options, request_
     reply = asyncio.run(scenario())
     assert reply.startswith(b"HTTP/1.1 " + status + b" ")
     assert reply.endswith(b"\r\n\r\n")
+
+
+def test_connect_proxy_echo_mode_logs_the_connect_and_how_the_tunnel_ended(caplog):
+    async def scenario() -> bytes:
+        async with running(cp.Options(mode="echo")) as port:
+            request = b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n"
+            return await _exchange(port, request, then=b"ping")
+
+    with caplog.at_level(logging.INFO, logger=cp.log.name):
+        reply = asyncio.run(scenario())
+
+    assert reply == b"HTTP/1.1 200 Connection established\r\n\r\nping"
+    connect, end = (r.getMessage() for r in caplog.records)
+    assert connect.startswith("CONNECT origin.test:443 ")
+    assert {k: fields(connect)[k] for k in ("id", "host", "status")} == {
+        "id": "1", "host": "origin.test:443", "status": "200"
+    }  # fmt: skip
+    assert fields(connect)["client"].startswith("127.0.0.1:")
+    assert end.startswith("tunnel end ")
+    assert {k: fields(end)[k] for k in ("id", "target", "up", "down", "end")} == {
+        "id": "1", "target": "origin.test:443", "up": "4", "down": "4", "end": "eof"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "sent", "got"),
+    [
+        (cp.Options(mode="reset-after-200"), b"", b""),
+        (cp.Options(mode="echo", fault="reset", after=6), b"abc", b"abc"),
+    ],
+    ids=["reset-after-200", "fault-reset-after-n-bytes"],
+)
+def test_connect_proxy_faults_end_the_tunnel_with_a_reset(options, sent, got):
+    async def scenario() -> tuple[bytes, bool]:
+        async with running(options) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"CONNECT origin.test:443 HTTP/1.1\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            data = b""
+            if sent:
+                writer.write(sent)
+                data = await asyncio.wait_for(reader.readexactly(len(sent)), 5)
+                writer.write(sent)  # these cross the fault's threshold
+            try:
+                rest = await asyncio.wait_for(reader.read(), 5)
+            except ConnectionResetError:
+                reset = True
+            else:
+                reset, data = False, data + rest
+            writer.close()
+            return data, reset
+
+    assert asyncio.run(scenario()) == (got, True)
 
 
 def test_demo_names_what_is_missing_and_exits_nonzero(monkeypatch, capsys):

@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 
 import pytest
+from kit.wire import tls_client_hello
 
 from handyproxy import tunnel
 from handyproxy.sniff import MORE
 from handyproxy.sniff.tls import server_name
-
-
-def real_client_hello(server_hostname: str | None) -> bytes:
-    """The first flight of a real TLS client, captured without any network."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        conn.do_handshake()
-    return outgoing.read()
 
 
 def vec(length_bytes: int, data: bytes) -> bytes:
@@ -75,31 +63,31 @@ def hello(extensions: bytes | None, **kwargs: bytes) -> bytes:
 
 
 def test_real_client_hello_gives_its_server_name() -> None:
-    data = real_client_hello("origin.example")
+    data = tls_client_hello("origin.example")
     assert data[0] == 0x16
     assert server_name(data) == "origin.example"
 
 
 def test_real_client_hello_name_is_lower_cased() -> None:
-    assert server_name(real_client_hello("Origin.EXAMPLE")) == "origin.example"
+    assert server_name(tls_client_hello("Origin.EXAMPLE")) == "origin.example"
 
 
 def test_bytes_after_the_hello_do_not_matter() -> None:
-    data = real_client_hello("origin.example")
+    data = tls_client_hello("origin.example")
     assert server_name(data + b"\x14\x03\x03\x00\x01\x01" + b"\x17\x03\x03\x00\x05hello") == (
         "origin.example"
     )
 
 
 def test_real_client_hello_split_at_every_tcp_offset_asks_for_more_then_names() -> None:
-    data = real_client_hello("origin.example")
+    data = tls_client_hello("origin.example")
     for cut in range(len(data)):
         assert server_name(data[:cut]) is MORE, cut
     assert server_name(data) == "origin.example"
 
 
 def real_message(name: str) -> bytes:
-    data = real_client_hello(name)
+    data = tls_client_hello(name)
     assert int.from_bytes(data[3:5], "big") == len(data) - 5  # one record
     return data[5:]
 
@@ -127,7 +115,7 @@ def test_two_record_hello_split_at_every_tcp_offset_asks_for_more_then_names() -
 
 
 def test_bytearray_input_works() -> None:
-    assert server_name(bytearray(real_client_hello("origin.example"))) == "origin.example"
+    assert server_name(bytearray(tls_client_hello("origin.example"))) == "origin.example"
 
 
 def test_hand_built_hello_gives_its_name() -> None:
@@ -145,11 +133,11 @@ def test_first_host_name_entry_wins_after_other_name_types() -> None:
 
 
 def test_real_client_hello_without_server_hostname_has_no_name() -> None:
-    assert server_name(real_client_hello(None)) is None
+    assert server_name(tls_client_hello(None)) is None
 
 
 def test_real_client_hello_to_an_ip_address_has_no_name() -> None:
-    assert server_name(real_client_hello("198.51.100.7")) is None
+    assert server_name(tls_client_hello("198.51.100.7")) is None
 
 
 @pytest.mark.parametrize(
@@ -333,11 +321,11 @@ def test_tunnel_sniff_reads_a_hello_sent_in_pieces_and_keeps_every_byte() -> Non
 
 
 def test_tunnel_sniff_gives_up_at_the_timeout_with_the_bytes_so_far() -> None:
-    data = real_client_hello("origin.example")
+    data = tls_client_hello("origin.example")
     assert sniff_from([data[:50]], timeout=0.2) == (data[:50], None)
 
 
 def test_tunnel_sniff_stops_at_max_bytes() -> None:
-    data = real_client_hello("origin.example")
+    data = tls_client_hello("origin.example")
     first, name = sniff_from([data], max_bytes=100)
     assert (first, name) == (data[:100], None)
