@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from handyproxy.lab import netns as lablib
@@ -47,15 +48,13 @@ def missing_requirements() -> list[str]:
     return missing
 
 
+@dataclass
 class Hop:
-    """One process of the lab whose output lines are collected, tagged with the hop's name."""
+    """One process of the lab, with its output lines (also sent, tagged, to the demo's sink)."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[str], sink: queue.Queue[str]) -> None:
-        self.name = name
-        self.proc = proc
-        self.output = Output(
-            proc.stdout, name=name, on_line=lambda line: sink.put(f"{name:<10} | {line}")
-        )
+    name: str
+    proc: subprocess.Popen[str]
+    output: Output
 
     def wait_for(self, text: str, timeout: float, start: int = 0) -> bool:
         """True once a line (from index ``start`` on) contains ``text``; False on timeout/exit."""
@@ -76,17 +75,11 @@ class Demo:
         self.hops: dict[str, Hop] = {}
 
     def start(self, name: str, ns: str, argv: Sequence[str]) -> Hop:
-        proc = self.lab.popen(
-            ns,
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-        )
-        hop = Hop(name, proc, self.out)
-        self.hops[name] = hop
+        def tagged(line: str) -> None:
+            self.out.put(f"{name:<10} | {line}")
+
+        proc, output = self.lab.spawn(ns, argv, name=name, on_line=tagged)
+        hop = self.hops[name] = Hop(name, proc, output)
         return hop
 
     def start_lab_processes(self) -> str | None:

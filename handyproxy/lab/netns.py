@@ -48,6 +48,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+from handyproxy.lab.output import Output
+
 ROLES = ("client", "router", "upstream", "origin")
 
 CLIENT_V4 = "198.51.100.2"
@@ -343,6 +345,23 @@ class Lab:
         if kwargs["start_new_session"]:
             self._group_leaders.add(proc.pid)
         return proc
+
+    def spawn(
+        self,
+        ns: str,
+        argv: Sequence[str],
+        *,
+        name: str | None = None,
+        on_line: Callable[[str], None] | None = None,
+        **kwargs: Any,
+    ) -> tuple[subprocess.Popen[str], Output]:
+        """``popen`` with the process's stdout and stderr read together, line by line, into an
+        ``Output`` a caller can wait on (stdin is /dev/null unless ``stdin`` says otherwise)."""
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        proc = self.popen(
+            ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+        )
+        return proc, Output(proc.stdout, name=name or argv[0], on_line=on_line)
 
     def stop(self, proc: subprocess.Popen[Any], timeout: float = 3.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status.

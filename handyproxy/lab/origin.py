@@ -105,12 +105,11 @@ class Handler(socketserver.BaseRequestHandler):
             {"banner": self.banner, "echo": self.echo}.get(self.server.kind, self.http)(
                 Reader(sock)
             )
-        if sock is not self.request:  # the TLS socket: closed without a close_notify
-            if self.reset:
-                reset_socket(sock)
+        if self.reset:
+            reset_socket(sock)  # and close it here: the server would shutdown() first, a FIN
             sock.close()
-        elif self.reset:
-            reset_socket(sock)
+        elif sock is not self.request:
+            sock.close()  # the TLS socket, without a close_notify; the server's is detached
 
     def banner(self, reader: Reader) -> None:
         self.sock.sendall(BANNER)
@@ -221,15 +220,6 @@ class Server(socketserver.ThreadingTCPServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
-
-    def shutdown_request(self, request: socket.socket) -> None:
-        # a RST (SO_LINGER 0 set by the handler) must not be preceded by a FIN
-        if request.fileno() >= 0 and request.getsockopt(
-            socket.SOL_SOCKET, socket.SO_LINGER, 8
-        ) != bytes(8):
-            self.close_request(request)
-            return
-        super().shutdown_request(request)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from kit.fixtures import each_family
 from kit.origins import ORIGIN_PORTS, SEEN_BY_ORIGIN, Body
 from kit.wire import echo_exchange, recv_all, recv_until, sha256_file
 
+from handyproxy.address import authority
 from handyproxy.lab import netns as lablib
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,7 @@ def test_download_through_an_upstream_given_as_a_bracketed_ipv6_literal(
 ):
     start_origin("http")
     start_upstream("squid")
-    forwarder = start_handyproxy(upstream_proxy=f"[{lablib.UPSTREAM_V6}]:{lablib.PROXY_PORT}")
+    forwarder = start_handyproxy(upstream_proxy=authority(lablib.UPSTREAM_V6, lablib.PROXY_PORT))
 
     result, out = client.curl(f"http://{host_of(4)}/body.bin", 4)
 

@@ -182,16 +182,12 @@ def launch(
     options = {k: v for k, v in defaults.items() if k not in given}
     options.update(flags)
     command = [*HANDYPROXY, *flag_argv(options), *argv]
-    proc = lab.popen(
+    proc, log = lab.spawn(
         "router",
         [*nofile_prefix(nofile), *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
+        name="handyproxy",
         env={**os.environ, **env} if env is not None else None,
     )
-    log = Output(proc.stdout, name="handyproxy")
     fwd = Forwarder(proc, log, port, command)
     try:
         if port == 0:

@@ -90,9 +90,7 @@ def launch(
         assert tls_cert is not None, "https needs a certificate"
         argv += ["--cert", str(tls_cert[0]), "--key", str(tls_cert[1])]
     argv += ["--quiet"] if quiet else []
-    proc = lab.popen("origin", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                     stdin=subprocess.DEVNULL, text=True)  # fmt: skip
-    log = Output(proc.stdout, name=f"{kind} origin")
+    proc, log = lab.spawn("origin", argv, name=f"{kind} origin")
     try:
         log.wait_for(rf"listening on \S+:{port}$", START_TIMEOUT)
     except TimeoutError:

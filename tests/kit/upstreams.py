@@ -235,16 +235,9 @@ def launch(
         raise ValueError(f"{kind} takes only allow_domains and deny_all")
     procs, outputs = [], []
     for i in range(processes):
-        proc = lab.popen(
-            "upstream",
-            [*nofile_prefix(nofile), *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
+        proc, output = lab.spawn("upstream", [*nofile_prefix(nofile), *argv], name=f"{kind} {i}")
         procs.append(proc)
-        outputs.append(Output(proc.stdout, name=f"{kind} upstream {i}"))
+        outputs.append(output)
     upstream = Upstream(
         kind,
         procs,

@@ -25,7 +25,6 @@ from kit.waiting import wait_until
 from kit.wire import echo_works
 
 from handyproxy.lab.netns import ORIGIN_V4
-from handyproxy.lab.output import Output
 
 pytestmark = pytest.mark.integration
 
@@ -143,16 +142,9 @@ def test_20000_concurrent_tunnels_are_served_and_fully_released(
             "--parallel",
             "200",
         ]
-        popen = lab.popen(
-            "client",
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
+        clients.append(
+            lab.spawn("client", argv, name=f"loadclient {i}", stdin=subprocess.PIPE, bufsize=1)
         )
-        clients.append((popen, Output(popen.stdout, name=f"loadclient {i}")))
     try:
         held = [
             json.loads(out.wait_for('"ev": "held"', timeout=100)[0].string) for _, out in clients

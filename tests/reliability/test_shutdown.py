@@ -14,8 +14,9 @@ import signal
 import time
 
 import pytest
+from kit.client import host_of
 
-from handyproxy.lab.netns import ORIGIN_V4, ORIGIN_V6
+from handyproxy.lab.netns import ORIGIN_V4
 from handyproxy.lab.origin import payload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,7 +34,7 @@ def download_plan() -> list[tuple[int, str, int]]:
     """(index, host, size): even downloads are short, odd ones long; every 4th over IPv6."""
     plan = []
     for i in range(DOWNLOADS):
-        host = f"[{ORIGIN_V6}]" if i % 4 == 3 else ORIGIN_V4
+        host = host_of(6 if i % 4 == 3 else 4)
         plan.append((i, host, SHORT if i % 2 == 0 else LONG))
     return plan
 
