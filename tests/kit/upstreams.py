@@ -64,8 +64,8 @@ class Upstream:
 
     def idle(self) -> bool:
         """No tunnel of an earlier test is still open here (each CONNECT has its end line), so
-        a new test's view of the log holds only its own. Always true for squid and tinyproxy,
-        whose logs tests only search for their own requests."""
+        a new test's view of the log holds only its own events. Always true for squid and
+        tinyproxy: their lines are never counted or matched to tunnels."""
         if self.kind != "builtin":
             return True
         for output in self.outputs:

@@ -110,7 +110,7 @@ def test_relay_delivers_exactly_the_bytes_sent_both_ways(tunnel_factory, script,
     socks = {"client": client, "origin": origin}
     for op, n in script:
         if op == "pause":
-            time.sleep(n / 1000)
+            time.sleep(n / 1000)  # a scripted pause: one of the timings hypothesis varies
         elif op.startswith("shut-"):
             side = op[5:]
             if side not in shut:

@@ -420,11 +420,11 @@ def test_a_client_that_stops_reading_pauses_the_upstream_and_memory_stays_bounde
         relay = CopyRelay(lambda r: None, loop.time())
         await relay.start(loop, client_ours, upstream_ours)
         sender = asyncio.create_task(loop.sock_sendall(origin, payload))
-        for _ in range(200):  # until the relay stops reading the upstream
+        for _ in range(200):  # poll (at most 2 s) until the relay stops reading the upstream
             await asyncio.sleep(0.01)
             if relay.upstream.reading_paused:
                 break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a window: the origin keeps sending, the buffer must not grow
         paused = relay.upstream.reading_paused
         buffered = relay.client.transport.get_write_buffer_size()
         received = bytearray()
@@ -432,7 +432,7 @@ def test_a_client_that_stops_reading_pauses_the_upstream_and_memory_stays_bounde
             received += await loop.sock_recv(client_app, 1 << 20)
         await sender
         relay.abort("test over")
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the aborted transports close
         return paused, buffered, bytes(received)
 
     try:

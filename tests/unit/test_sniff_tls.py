@@ -299,7 +299,7 @@ def sniff_from(
         async def send() -> None:
             for piece in pieces:
                 await loop.sock_sendall(client, piece)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the pace: each piece reaches the sniffer on its own
 
         client.setblocking(False)
         sender = asyncio.create_task(send())
