@@ -32,7 +32,7 @@ import pytest
 
 from handyproxy import relay as relays
 from handyproxy.lab import netns
-from kit import forwarder
+from kit import forwarder, upstreams
 from kit.client import Client
 from kit.forwarder import Forwarder
 from kit.origins import ORIGIN_NAME, Body, Origin, Origins, make_body, make_tls_cert
@@ -196,26 +196,39 @@ def start_forwarder(start_handyproxy: Callable[..., Forwarder]) -> Callable[...,
 
 @pytest.fixture
 def start_upstream(_site: Site) -> Iterator[Callable[..., Upstream]]:
-    """Factory: an upstream proxy on port 3128 of the upstream namespace (IPv4 and IPv6).
+    """Factory: an upstream proxy in the upstream namespace (IPv4 and IPv6), on port 3128 or
+    ``port``.
 
     ``kind``: ``squid`` or ``tinyproxy`` (Debian's, with a temporary config, no daemon mode), or
     ``builtin`` (``handyproxy.lab.connect_proxy``: every other keyword is one of its flags,
     e.g. ``mode="echo"``, ``fault="reset", after=3000``, ``greedy=True``,
     ``reply_status=407``). ``allow_domains`` admits only those names (never an IP), ``deny_all``
-    answers 403; ``nofile`` and ``processes`` go to ``kit.upstreams.launch``.
+    answers 403, ``users={"name": "password"}`` makes squid ask for Basic credentials;
+    ``nofile`` and ``processes`` go to ``kit.upstreams.launch``. On 3128 an upstream is kept
+    for the next test that asks for the same; on another port (several upstreams at once, for
+    failover) it is the test's own and is stopped after it, newest first.
 
     A test that needs "no upstream" points the forwarder at ``kit.forwarder.DOWN_UPSTREAM``.
     """
     handed_out: list[Upstream] = []
+    own: list[Upstream] = []
 
-    def start(kind: str = "squid", **options: Any) -> Upstream:
-        upstream = _site.upstreams.start(kind, **options)
+    def start(kind: str = "squid", *, port: int = netns.PROXY_PORT, **options: Any) -> Upstream:
+        if port == netns.PROXY_PORT:
+            upstream = _site.upstreams.start(kind, **options)
+        else:
+            upstream = upstreams.launch(_site.lab, kind, port=port, **options)
+            own.append(upstream)
         handed_out.append(upstream)
         return upstream
 
     yield start
+    for upstream in reversed(own):
+        upstream.stop(_site.lab)
     for upstream in handed_out:
-        print(f"--- {upstream.kind} upstream log during this test:\n{upstream.log.text()}")
+        print(
+            f"--- {upstream.kind} on {upstream.port}, log during this test:\n{upstream.log.text()}"
+        )
     _site.upstreams.end_of_test()
 
 

@@ -33,10 +33,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def flag_argv(flags: Mapping[str, Any]) -> list[str]:
-    """``{"dial_timeout": "1s"}`` → ``["-dial-timeout", "1s"]``."""
+    """``{"dial_timeout": "1s"}`` → ``["-dial-timeout=1s"]``: one word each, so a boolean
+    flag takes its value too; a list repeats the flag, None leaves it out."""
     argv = []
     for name, value in flags.items():
-        argv += [f"-{name.replace('_', '-')}", str(value)]
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                argv.append(f"-{name.replace('_', '-')}={item}")
     return argv
 
 

@@ -28,6 +28,7 @@ from kit.records import fields
 from kit.waiting import wait_until
 
 KINDS = ("squid", "tinyproxy", "builtin")
+SQUID_BASIC_AUTH = "/usr/lib/squid/basic_ncsa_auth"
 BUILTIN = [PYTHON, "-m", "handyproxy.lab.connect_proxy"]
 START_TIMEOUT = 15.0
 #: How long a kept upstream may take to see the last test's tunnels end before it is replaced.
@@ -42,13 +43,19 @@ class Upstream:
     """A running upstream proxy (one or more processes sharing the port)."""
 
     kind: str
+    port: int
+    argv: list[str]
     procs: list[subprocess.Popen[str]]
     outputs: list[Output]
     workdir: Path | None = None
     stateless: bool = True
-    address: str = f"{UPSTREAM_V4}:{PROXY_PORT}"
     #: squid and tinyproxy log CONNECTs to a file; their stderr is only for start-up errors
     file_log: Output | None = None
+
+    @property
+    def address(self) -> str:
+        """Where the forwarder finds it: ``-upstream-proxy`` takes this."""
+        return authority(UPSTREAM_V4, self.port)
 
     @property
     def proc(self) -> subprocess.Popen[str]:
@@ -86,13 +93,30 @@ class Upstream:
             file_log=self.file_log.view() if self.file_log else None,
         )
 
-    def stop(self, lab: Lab) -> None:
+    def kill(self) -> None:
+        """SIGKILL: the process vanishes, its tunnels are reset, its port refuses connections."""
         for proc in self.procs:
-            if self.kind == "squid":
-                proc.kill()  # its SIGTERM shutdown takes two seconds; nothing to save
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+    def start_again(self, lab: Lab) -> None:
+        """After ``kill``: the same upstream on the same port (squid's log goes on)."""
+        assert not any(p.poll() is None for p in self.procs), "still running"
+        self.procs, self.outputs = _spawn(lab, self.kind, self.argv, len(self.procs), None)
+        _wait_listening(lab, self)
+
+    def stop(self, lab: Lab) -> None:
+        if self.kind == "squid":
+            self.kill()  # its SIGTERM shutdown takes two seconds; nothing to save
+        for proc in self.procs:
             lab.stop(proc)
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def connects(self, target: str = "") -> list[str]:
+        """squid's and tinyproxy's log lines of CONNECT requests (to ``target`` when given)."""
+        return self.log.matching(rf"CONNECT {re.escape(target)}")
 
     # The builtin proxy's events (see handyproxy.lab.connect_proxy)
 
@@ -132,18 +156,28 @@ class Upstream:
         return found
 
 
-def squid_conf(workdir: Path, allow_domains: list[str] | None, deny_all: bool) -> str:
+def squid_conf(
+    workdir: Path,
+    port: int,
+    allow_domains: list[str] | None,
+    deny_all: bool,
+    users: dict[str, str] | None,
+) -> str:
     if deny_all:
         access = ["http_access deny all"]
     elif allow_domains is not None:
         # -n: match the name as given; never reverse-resolve an IP target into an allowed name
         access = [f"acl allowed dstdomain -n {' '.join(allow_domains)}",
                   "http_access allow CONNECT allowed", "http_access deny all"]  # fmt: skip
+    elif users:
+        access = [f"auth_param basic program {SQUID_BASIC_AUTH} {workdir}/passwd",
+                  "auth_param basic realm handyproxy-test", "acl authed proxy_auth REQUIRED",
+                  "http_access allow CONNECT authed", "http_access deny all"]  # fmt: skip
     else:
         access = ["http_access allow CONNECT", "http_access deny all"]
     return "\n".join([
-        f"http_port {PROXY_PORT}",
-        "visible_hostname upstream.lab",
+        f"http_port {port}",
+        f"visible_hostname squid-{port}.lab",
         f"pid_filename {workdir}/squid.pid",
         f"cache_log {workdir}/cache.log",
         f"access_log stdio:{workdir}/access.log",
@@ -160,11 +194,24 @@ def squid_conf(workdir: Path, allow_domains: list[str] | None, deny_all: bool) -
     ]) + "\n"  # fmt: skip
 
 
-def tinyproxy_conf(workdir: Path, allow_domains: list[str] | None, deny_all: bool) -> str:
+def squid_passwords(workdir: Path, users: dict[str, str]) -> None:
+    """``passwd`` for basic_ncsa_auth: one ``user:apr1-hash`` line per user."""
+    lines = []
+    for user, password in users.items():
+        hashed = subprocess.run(
+            ["openssl", "passwd", "-apr1", password], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        lines.append(f"{user}:{hashed}\n")
+    (workdir / "passwd").write_text("".join(lines))
+
+
+def tinyproxy_conf(
+    workdir: Path, port: int, allow_domains: list[str] | None, deny_all: bool
+) -> str:
     lines = [
         "User nobody",
         "Group nogroup",
-        f"Port {PROXY_PORT}",
+        f"Port {port}",
         "Timeout 60",
         f'LogFile "{workdir}/tinyproxy.log"',
         "LogLevel Connect",
@@ -183,11 +230,11 @@ def tinyproxy_conf(workdir: Path, allow_domains: list[str] | None, deny_all: boo
 
 
 def builtin_argv(
-    allow_domains: list[str] | None = None, deny_all: bool = False, **options: Any
+    port: int, allow_domains: list[str] | None = None, deny_all: bool = False, **options: Any
 ) -> list[str]:
     """The lab proxy's command line: each option is its flag (``mode="echo"`` → ``--mode
     echo``, ``greedy=True`` → ``--greedy``); ``allow_domains`` and ``deny_all`` as for squid."""
-    argv = [*BUILTIN, "--listen", f":{PROXY_PORT}", "--uvloop"]
+    argv = [*BUILTIN, "--listen", f":{port}", "--uvloop"]
     argv += [f"--allow={name}" for name in allow_domains or []]
     if deny_all:
         options["reply_status"] = 403
@@ -201,26 +248,42 @@ def builtin_argv(
 
 
 def launch(
-    lab: Lab, kind: str, *, nofile: int | None = None, processes: int = 1, **options: Any
+    lab: Lab,
+    kind: str,
+    *,
+    port: int = PROXY_PORT,
+    users: dict[str, str] | None = None,
+    nofile: int | None = None,
+    processes: int = 1,
+    **options: Any,
 ) -> Upstream:
-    """Start an upstream of ``kind`` on port 3128 (IPv4 and IPv6); returns once it listens.
+    """Start an upstream of ``kind`` on ``port`` (IPv4 and IPv6); returns once it listens.
 
-    ``processes`` > 1 runs that many builtin proxies sharing the port (``reuseport``), each
-    with ``nofile`` descriptors, for loads one process cannot hold.
+    ``users`` (squid) asks for Basic authentication with these passwords; ``processes`` > 1
+    runs that many builtin proxies sharing the port (``reuseport``), each with ``nofile``
+    descriptors, for loads one process cannot hold.
     """
     workdir: Path | None = None
     file_log: Path | None = None
-    allow_domains = options.get("allow_domains")
-    deny_all = bool(options.get("deny_all"))
+    allow_domains = options.pop("allow_domains", None)
+    deny_all = bool(options.pop("deny_all", False))
+    if kind != "builtin" and (processes != 1 or options or (users and kind != "squid")):
+        raise ValueError(f"{kind} takes port, allow_domains, deny_all (squid: users) only")
     if kind == "squid":
-        workdir = Path(tempfile.mkdtemp(prefix="hp-squid-"))
-        (workdir / "squid.conf").write_text(squid_conf(workdir, allow_domains, deny_all))
-        shutil.chown(workdir, "proxy", "proxy")
+        workdir = Path(tempfile.mkdtemp(prefix=f"hp-squid{port}-"))
+        (workdir / "squid.conf").write_text(
+            squid_conf(workdir, port, allow_domains, deny_all, users)
+        )
+        if users:
+            squid_passwords(workdir, users)
+        for path in (workdir, *workdir.iterdir()):
+            shutil.chown(path, "proxy", "proxy")
         argv = ["squid", "-N", "-f", str(workdir / "squid.conf")]
         file_log = workdir / "access.log"
     elif kind == "tinyproxy":
-        workdir = Path(tempfile.mkdtemp(prefix="hp-tinyproxy-"))
-        (workdir / "tinyproxy.conf").write_text(tinyproxy_conf(workdir, allow_domains, deny_all))
+        workdir = Path(tempfile.mkdtemp(prefix=f"hp-tinyproxy{port}-"))
+        conf = tinyproxy_conf(workdir, port, allow_domains, deny_all)
+        (workdir / "tinyproxy.conf").write_text(conf)
         workdir.chmod(0o755)
         shutil.chown(workdir, "nobody", "nogroup")
         argv = ["tinyproxy", "-d", "-c", str(workdir / "tinyproxy.conf")]
@@ -228,18 +291,14 @@ def launch(
     elif kind == "builtin":
         if processes > 1:
             options["reuseport"] = True
-        argv = builtin_argv(**options)
+        argv = builtin_argv(port, allow_domains, deny_all, **options)
     else:
         raise ValueError(f"unknown upstream kind {kind!r}; one of {', '.join(KINDS)}")
-    if kind != "builtin" and (processes != 1 or set(options) - {"allow_domains", "deny_all"}):
-        raise ValueError(f"{kind} takes only allow_domains and deny_all")
-    procs, outputs = [], []
-    for i in range(processes):
-        proc, output = lab.spawn("upstream", [*nofile_prefix(nofile), *argv], name=f"{kind} {i}")
-        procs.append(proc)
-        outputs.append(output)
+    procs, outputs = _spawn(lab, kind, argv, processes, nofile)
     upstream = Upstream(
         kind,
+        port,
+        [*nofile_prefix(nofile), *argv],
         procs,
         outputs,
         workdir,
@@ -248,23 +307,46 @@ def launch(
         file_log=Output(path=file_log, name=kind) if file_log else None,
     )
     try:
-        if kind == "builtin":
-            for output in outputs:  # one socket per family
+        _wait_listening(lab, upstream)
+    except AssertionError:
+        upstream.stop(lab)
+        raise
+    return upstream
+
+
+def _spawn(
+    lab: Lab, kind: str, argv: list[str], processes: int, nofile: int | None
+) -> tuple[list[subprocess.Popen[str]], list[Output]]:
+    procs, outputs = [], []
+    for i in range(processes):
+        proc, output = lab.spawn("upstream", [*nofile_prefix(nofile), *argv], name=f"{kind} {i}")
+        procs.append(proc)
+        outputs.append(output)
+    return procs, outputs
+
+
+def _wait_listening(lab: Lab, upstream: Upstream) -> None:
+    try:
+        if upstream.kind == "builtin":
+            for output in upstream.outputs:  # one socket per family
                 output.wait_for("listening on", START_TIMEOUT, count=2)
         else:
-            lab.wait_port("upstream", UPSTREAM_V4, PROXY_PORT, START_TIMEOUT)
-            lab.wait_port("upstream", UPSTREAM_V6, PROXY_PORT, START_TIMEOUT)
-    except (TimeoutError, AssertionError) as exc:
-        upstream.stop(lab)
-        texts = "\n".join(o.text() for o in outputs)
-        where = authority(UPSTREAM_V4, PROXY_PORT)
-        raise AssertionError(f"{kind} did not start on {where}: {exc}\n{texts}") from None
-    return upstream
+            lab.wait_port("upstream", UPSTREAM_V4, upstream.port, START_TIMEOUT)
+            lab.wait_port("upstream", UPSTREAM_V6, upstream.port, START_TIMEOUT)
+    except TimeoutError as exc:
+        texts = "\n".join(o.text() for o in upstream.outputs)
+        cache = upstream.workdir / "cache.log" if upstream.workdir else None
+        if cache and cache.exists():
+            texts += "\n" + cache.read_text(errors="replace")
+        raise AssertionError(
+            f"{upstream.kind} did not start on {upstream.address}: {exc}\n{texts}"
+        ) from None
 
 
 @dataclass
 class Slot:
-    """Port 3128 of one lab's upstream namespace and the upstream that holds it."""
+    """Port 3128 of one lab's upstream namespace and the upstream that holds it (upstreams
+    on other ports belong to the test that started them)."""
 
     lab: Lab
     key: tuple[Any, ...] | None = None
