@@ -2,9 +2,9 @@
 """Soak: minutes of mixed traffic through the forwarder on the namespace lab, then proof that
 nothing leaked.
 
-    sudo .venv/bin/python scripts/soak.py                  # the full 10-minute soak
-    sudo .venv/bin/python scripts/soak.py --duration 30    # the CI smoke run
-    sudo .venv/bin/python scripts/soak.py --relay copy --json soak.json
+    .venv/bin/python scripts/soak.py                  # as root: the full 10-minute soak
+    .venv/bin/python scripts/soak.py --duration 30    # the CI smoke run
+    .venv/bin/python scripts/soak.py --relay copy --json soak.json
 
 Why a script and not a test: ten minutes does not fit the CI budget, and an operator may want to
 soak a candidate build for an hour. CI runs it for 30 s (tests/reliability/test_soak_smoke.py).
@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from handyproxy.lab.netns import ORIGIN_V4 as ORIGIN  # noqa: E402
 from handyproxy.lab.netns import ORIGIN_V6 as ORIGIN6  # noqa: E402
 from handyproxy.lab.origin import payload  # noqa: E402
+from handyproxy.relay import RELAYS  # noqa: E402
 from handyproxy.sockets import reset_socket  # noqa: E402
 
 KINDS = {"short": 30, "long": 10, "half-close": 20, "reset": 15, "origin-rst": 10, "idle": 15}
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent traffic workers")
-    parser.add_argument("--relay", default="splice", choices=["splice", "copy"])
+    parser.add_argument("--relay", default="splice", choices=list(RELAYS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--kinds",
