@@ -132,10 +132,21 @@ class Upstream:
         timeout: float = 10.0,
     ) -> dict[str, str]:
         """The first ``event`` for which ``pred`` is true (waiting on the first process)."""
-        line = self.outputs[0].wait_line(
-            lambda s: self._is(event, s) and pred(self._parse(s)), timeout
+        return self.wait_events(event, 1, pred, timeout)[0]
+
+    def wait_events(
+        self,
+        event: str,
+        count: int,
+        pred: Callable[[dict[str, str]], bool] = lambda e: True,
+        timeout: float = 10.0,
+    ) -> list[dict[str, str]]:
+        """The first ``count`` such events. Wait for them rather than read ``events()`` after
+        the traffic: a line can still be on its way from the process when the bytes are not."""
+        lines = self.outputs[0].wait_lines(
+            lambda s: self._is(event, s) and pred(self._parse(s)), timeout, count
         )
-        return self._parse(line)
+        return [self._parse(line) for line in lines]
 
     def _lines(self) -> Iterable[str]:
         for output in self.outputs:

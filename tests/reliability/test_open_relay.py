@@ -148,6 +148,7 @@ def test_sniff_ports_limits_sniffing_to_the_listed_ports(lab, start_upstream, st
         sock = lab.connect("client", ORIGIN_V4, port)
         assert echo_works(sock, first)
         sock.close()
+    upstream.wait_events("connect", 3)
     targets = sorted(e["target"] for e in upstream.events("connect"))
     assert targets == [f"{ORIGIN_V4}:80", f"{ORIGIN_V4}:8443", f"{ORIGIN_NAME}:443"]
 

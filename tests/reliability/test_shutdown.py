@@ -92,7 +92,8 @@ def test_sigterm_drains_or_resets_100_downloads_and_never_truncates_cleanly(
             outcomes["reset"] += 1
     # The short downloads had time to finish; the long ones did not.
     assert outcomes == {"complete": DOWNLOADS // 2, "reset": DOWNLOADS // 2}, outcomes
+    stopped = fwd.log.wait_for("stopped")[0].string  # its last line: every record is read
     ends = [r["end"] for r in fwd.records()]
     assert ends.count("shutdown") == DOWNLOADS // 2
     assert ends.count("eof") == DOWNLOADS // 2
-    assert "reset=50" in fwd.log.wait_for("stopped")[0].string
+    assert "reset=50" in stopped
