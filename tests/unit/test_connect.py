@@ -230,7 +230,7 @@ def exchange(
         request = await loop.sock_recv(theirs, 4096)
         for piece in pieces:
             await loop.sock_sendall(theirs, piece)
-            await asyncio.sleep(0.005)  # the pace: each piece is a read of its own
+            await asyncio.sleep(0.005)
         if close:
             theirs.shutdown(socket.SHUT_WR)
         return request
