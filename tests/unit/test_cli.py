@@ -13,8 +13,13 @@ import pytest
 
 from handyproxy import __version__, cli, log, server
 from handyproxy.config import Config
+from handyproxy.upstream import UpstreamSpec
 
 SERVER_RAN = 99
+
+
+def first_upstream(cfg: Config) -> tuple[str, int]:
+    return cfg.upstreams[0].host, cfg.upstreams[0].port
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +31,7 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
 
 ORIGINAL_FLAGS = [
     ("local-port", "8043", "local_port", 8043),
-    ("upstream-proxy", "proxy.local:3129", "upstream_proxy", "proxy.local:3129"),
+    ("upstream-proxy", "proxy.local:3129", "upstream_proxy", (UpstreamSpec("proxy.local", 3129),)),
     ("dial-timeout", "10s", "dial_timeout", 10.0),
     ("sniff-timeout", "0", "sniff_timeout", 0.0),
     ("sniff-max-bytes", "4096", "sniff_max_bytes", 4096),
@@ -77,7 +82,7 @@ def test_every_flag_works_as_flag_equals_value(
 def test_the_originals_example_command_line_parses() -> None:
     cfg = cli.parse_args(["-local-port", "8043", "-upstream-proxy", "proxy.local:3128"])
     assert cfg.local_port == 8043
-    assert cfg.upstream == ("proxy.local", 3128)
+    assert first_upstream(cfg) == ("proxy.local", 3128)
 
 
 def test_sniff_timeout_minus_one_as_separate_value_is_not_taken_for_a_flag() -> None:
@@ -199,7 +204,7 @@ def test_toml_config_sets_values_with_dash_or_underscore_keys(tmp_path: Path) ->
     )
     cfg = cli.parse_args(["-config", path])
     assert cfg.local_port == 8043
-    assert cfg.upstream == ("proxy.local", 3129)
+    assert first_upstream(cfg) == ("proxy.local", 3129)
     assert cfg.dial_timeout == 10.0
     assert cfg.sniff_timeout == 0.0
     assert cfg.sniff_ports == (443, 80)
@@ -326,7 +331,7 @@ def test_missing_config_file_exits_2_naming_it(
 def test_upstream_proxy_accepts_host_ipv4_and_bracketed_ipv6(
     value: str, host: str, port: int
 ) -> None:
-    assert cli.parse_args(["-upstream-proxy", value]).upstream == (host, port)
+    assert first_upstream(cli.parse_args(["-upstream-proxy", value])) == (host, port)
 
 
 @pytest.mark.parametrize(
