@@ -233,8 +233,12 @@ def order_addresses(infos: Sequence[Address]) -> tuple[Address, ...]:
 
 
 def numeric_addresses(host: str, port: int) -> tuple[Address, ...]:
-    """The address of an IP literal, without a resolver (scope ids included)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    """The address of an IP literal, without a resolver (scope ids included); empty when the
+    system cannot use it (a scope naming no interface): the upstream then starts down."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except OSError:
+        return ()
     return order_addresses([(family, sockaddr) for family, _, _, _, sockaddr in infos])
 
 

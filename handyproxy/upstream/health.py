@@ -7,6 +7,7 @@ metrics exporter reads them and nothing here knows about it.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 from handyproxy.upstream.dial import FAILURE_KINDS, Address, numeric_addresses
@@ -18,8 +19,12 @@ PROBE_FIRST = 0.5
 
 
 def is_numeric(host: str) -> bool:
-    """An IP literal (as split_hostport accepts them) needs no resolver."""
-    return ":" in host or host.replace(".", "").isdigit()
+    """An IP literal needs no resolver; anything else (``0x7f.1`` included) is a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Upstream:

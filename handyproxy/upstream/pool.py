@@ -180,7 +180,8 @@ class UpstreamSet:
             group.refresh()
         for up in self.upstreams:
             if up.up and not up.addrs:  # changed() logs it and schedules the probe
-                up.set_state(False, why.get(up) or "the name has not resolved yet")
+                unusable = "the address is not usable here" if up.numeric else "no address yet"
+                up.set_state(False, why.get(up) or unusable)
             elif not up.up:
                 self.later(up.probe_delay, self.probe, up)
             elif not up.numeric:
