@@ -111,11 +111,6 @@ def test_a_rule_prints_back_as_its_flag_spelling(text: str) -> None:
 def test_toml_tables_and_strings_mean_the_same(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
-        'upstream-proxy = ["cntlm.local:3128", {address = "squid.local", group = "partners"}]\n'
-        'sniff-timeout = "1s"\n'
-        'rule = ["port=25 reject"]\n'
-    )
-    path.write_text(
         'sniff-timeout = "1s"\n'
         "[[upstream-proxy]]\n"
         'address = "cntlm.local:3128"\n'
