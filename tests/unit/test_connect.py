@@ -308,3 +308,33 @@ def test_exchange_times_out_when_the_upstream_never_answers() -> None:
     assert isinstance(outcome, ConnectError)
     assert "no answer" in outcome.reason
     assert 0.15 < time.monotonic() - started < 5
+
+
+def test_the_request_carries_proxy_authorization_when_given() -> None:
+    auth = connect.basic_authorization("alice", "pä:ss")
+    assert auth == b"Basic YWxpY2U6cMOkOnNz"  # RFC 7617: UTF-8, then base64
+    request = connect.build_request("origin.test", 443, auth)
+    assert request == (
+        b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n" + AGENT
+        + b"Proxy-Authorization: Basic YWxpY2U6cMOkOnNz\r\n\r\n"
+    )  # fmt: skip
+    assert b"Proxy-Authorization" not in connect.build_request("origin.test", 443)
+
+
+@pytest.mark.parametrize(
+    ("headers", "schemes"),
+    [
+        (b'Proxy-Authenticate: Basic realm="corp"\r\n', ["Basic"]),
+        (b"proxy-authenticate: NTLM\r\nProxy-Authenticate: Negotiate\r\n", ["NTLM", "Negotiate"]),
+        (b'Proxy-Authenticate: Basic realm="a,b", NTLM\r\n', ["Basic", "NTLM"]),
+        (b'Proxy-Authenticate: Digest realm="x", nonce="abc", qop="auth"\r\n', ["Digest"]),
+        (b"Proxy-Authenticate:Basic\r\nProxy-Authenticate: Basic\r\n", ["Basic"]),
+        (b"WWW-Authenticate: Basic\r\n", []),
+        (b"", []),
+    ],
+)
+def test_auth_schemes_names_only_the_schemes_a_407_asks_for(
+    headers: bytes, schemes: list[str]
+) -> None:
+    header = b"HTTP/1.1 407 Proxy Authentication Required\r\n" + headers + b"\r\n"
+    assert connect.auth_schemes(header) == schemes
