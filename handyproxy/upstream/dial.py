@@ -276,7 +276,7 @@ async def connect_first(
             await poll.wait(True, deadline)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise failure_from_errno(err, sockaddr[0])
+            raise Failure(_ERRNO_KINDS.get(err, "error"), os.strerror(err))
     except BaseException:
         drop(sock, poll)
         raise

@@ -54,7 +54,9 @@ class Opened(NamedTuple):
 
     sock: socket.socket
     leftover: bytes  # origin bytes that came with the reply
-    poll: UpstreamPoll  # the socket's registration, for the relay to take over
+    #: The socket's registration for the relay to take over: always a parked reader (the
+    #: state the CONNECT exchange ends in), never a writer.
+    poll: UpstreamPoll
     upstream: Upstream | None  # None for a direct connection
     status: int | None
 
@@ -138,7 +140,7 @@ class UpstreamSet:
         self._scheduled: set[tuple[str, Upstream]] = set()  # one chain per job and upstream
         # Figures for metrics (per upstream ones live on each Upstream).
         self.retries = 0  # attempts moved on to the next upstream
-        self.direct = 0  # tunnels opened straight to the destination by a rule
+        self.direct_tunnels = 0  # tunnels opened straight to the destination by a rule
         self.refresh_endpoints()
 
     @classmethod
@@ -385,7 +387,8 @@ class UpstreamSet:
             raise ConnectError(text) from None
         finally:
             deadline.cancel()
-        self.direct += 1
+        poll.want(write=False)  # park a reader, as after a CONNECT reply
+        self.direct_tunnels += 1
         return Opened(sock, b"", poll, None, None)
 
     def all_down(self, group: Group) -> ConnectError:

@@ -130,9 +130,13 @@ def start_origin(
 
 
 def _flag_argv(flags: dict[str, Any]) -> list[str]:
+    """``{"dial_timeout": "1s"}`` -> ``["-dial-timeout", "1s"]``; a None value leaves the flag
+    out (to let a ``config`` file set it); a list repeats the flag."""
     argv = []
     for name, value in flags.items():
-        argv += [f"-{name.replace('_', '-')}", str(value)]
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                argv += [f"-{name.replace('_', '-')}", str(item)]
     return argv
 
 
