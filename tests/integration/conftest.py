@@ -130,13 +130,14 @@ def start_origin(
 
 
 def _flag_argv(flags: dict[str, Any]) -> list[str]:
-    """``{"dial_timeout": "1s"}`` -> ``["-dial-timeout", "1s"]``; a None value leaves the flag
-    out (to let a ``config`` file set it); a list repeats the flag."""
+    """``{"dial_timeout": "1s"}`` -> ``["-dial-timeout=1s"]`` (one word: boolean flags take
+    their value only so); a None value leaves the flag out (to let a ``config`` file set it); a
+    list repeats the flag."""
     argv = []
     for name, value in flags.items():
         for item in value if isinstance(value, list) else [value]:
             if item is not None:
-                argv += [f"-{name.replace('_', '-')}", str(item)]
+                argv.append(f"-{name.replace('_', '-')}={item}")
     return argv
 
 
