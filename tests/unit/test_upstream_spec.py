@@ -289,3 +289,26 @@ def test_parse_upstreams_is_idempotent() -> None:
     specs = upstream_spec.parse_upstreams("a.local:1,b.local")
     assert upstream_spec.parse_upstreams(specs) == specs
     assert config.display("upstream-proxy", specs) == "a.local:1,b.local:3128"
+
+
+def test_the_documented_toml_example_is_a_valid_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/interfaces.md shows the TOML shape; it must parse to what it says."""
+    doc = (Path(__file__).parents[2] / "docs" / "interfaces.md").read_text()
+    example = doc.split("### Several upstreams", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.toml").write_text(example)
+    for name in ("cntlm", "partner"):
+        write_creds(tmp_path, f"{name}-user:{SECRET}\n", name=name)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = cli.parse_args(["-config", str(tmp_path / "example.toml")])
+    assert [(s.name, s.group, s.credentials.user) for s in cfg.upstreams] == [  # type: ignore[union-attr]
+        ("127.0.0.1:3128", "default", "cntlm-user"),
+        ("127.0.0.1:3129", "default", "cntlm-user"),
+        ("squid.partner.example:8080", "partners", "partner-user"),
+    ]
+    assert [str(r) for r in cfg.rules] == [
+        "dst=10.0.0.0/8,fd00::/8 direct",
+        "name=.partner.example proxy:partners",
+        "port=25 reject",
+    ]
