@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from pathkit import PROXY_PORT, Client, recv_all
+from pathkit import PROXY_PORT, Client, Upstream, recv_all
 
 from handyproxy.lab import netns as lablib
 
@@ -34,8 +34,11 @@ def second_addresses(lab: lablib.Lab) -> Iterator[None]:
         subprocess.run(["ip", "-n", ns, "addr", "del", address, "dev", dev], check=False)
 
 
-def version(address: str) -> int:
-    return 6 if ":" in address else 4
+@pytest.fixture
+def squid(second_addresses: None, start_origin, start_upstream) -> Upstream:
+    """squid on every address of the upstream host; the origin's banner on port 25."""
+    start_origin("banner")
+    return start_upstream("squid")
 
 
 def nested_connect(client: Client, address: str) -> bytes | None:
@@ -56,11 +59,8 @@ def nested_connect(client: Client, address: str) -> bytes | None:
 
 @pytest.mark.parametrize("address", UNKNOWN)
 def test_another_address_of_the_proxy_host_on_its_port_is_refused(
-    address: str, second_addresses: None, client: Client, start_origin, start_upstream,
-    start_handyproxy,
-):  # fmt: skip
-    start_origin("banner")
-    squid = start_upstream("squid")
+    address: str, squid: Upstream, client: Client, start_handyproxy
+):
     forwarder = start_handyproxy()  # upstream 203.0.113.2:3128, nothing else
     assert nested_connect(client, address) is None
     record = forwarder.access(f"dst={address if ':' not in address else f'[{address}]'}:3128 ")
@@ -71,11 +71,8 @@ def test_another_address_of_the_proxy_host_on_its_port_is_refused(
 
 @pytest.mark.parametrize("address", UNKNOWN)
 def test_when_upstream_ports_are_allowed_a_nested_proxy_request_is_still_refused(
-    address: str, second_addresses: None, client: Client, start_origin, start_upstream,
-    start_handyproxy,
-):  # fmt: skip
-    start_origin("banner")
-    squid = start_upstream("squid")
+    address: str, squid: Upstream, client: Client, start_handyproxy
+):
     forwarder = start_handyproxy(allow_upstream_ports="true")
     assert nested_connect(client, address) is None
     record = forwarder.access("end=refused ")
@@ -92,11 +89,10 @@ def test_when_upstream_ports_are_allowed_a_nested_proxy_request_is_still_refused
 
 
 def test_allowed_upstream_ports_still_carry_ordinary_traffic(
-    second_addresses: None, client: Client, start_upstream, start_handyproxy
+    squid: Upstream, client: Client, start_handyproxy
 ):
     """The allow flag is real: a client speaking plain HTTP to that address gets its tunnel
     (and squid's own answer to a request it cannot serve), not a reset."""
-    squid = start_upstream("squid")
     forwarder = start_handyproxy(allow_upstream_ports="true")
     sock = client.lab.connect("client", SECOND_V4, PROXY_PORT)
     with sock:

@@ -9,13 +9,21 @@ from __future__ import annotations
 import ssl
 
 import pytest
-from pathkit import Client, recv_until
+from pathkit import Client, Forwarder, Upstream, recv_until
 
 from handyproxy.lab import netns as lablib
 
 pytestmark = pytest.mark.integration
 
 NUMERIC_NAMES = ["0x7f000001", "0x7f.1", "0xcb.0.113.2"]
+
+
+@pytest.fixture
+def sniffing(start_origin, start_upstream, start_handyproxy) -> tuple[Forwarder, Upstream]:
+    """Both origins, the built-in proxy (it logs each CONNECT target), sniffing on."""
+    start_origin("http")
+    start_origin("https")
+    return start_handyproxy(sniff_timeout="2s"), start_upstream("builtin")
 
 
 def client_hello(name: str) -> bytes:
@@ -32,11 +40,9 @@ def client_hello(name: str) -> bytes:
 
 @pytest.mark.parametrize("name", NUMERIC_NAMES)
 def test_a_numeric_host_header_falls_back_to_the_original_ip(
-    name: str, client: Client, start_origin, start_upstream, start_handyproxy
+    name: str, client: Client, sniffing: tuple[Forwarder, Upstream]
 ):
-    start_origin("http")
-    upstream = start_upstream("builtin")
-    forwarder = start_handyproxy(sniff_timeout="2s")
+    forwarder, upstream = sniffing
     with client.connect(4, 80) as sock:
         sock.sendall(f"GET /index.html HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
         assert b"origin index\n" in recv_until(sock, b"origin index\n")
@@ -47,11 +53,9 @@ def test_a_numeric_host_header_falls_back_to_the_original_ip(
 
 
 def test_a_real_name_is_still_used_so_the_regression_test_can_fail(
-    client: Client, start_origin, start_upstream, start_handyproxy
+    client: Client, sniffing: tuple[Forwarder, Upstream]
 ):
-    start_origin("http")
-    upstream = start_upstream("builtin")
-    forwarder = start_handyproxy(sniff_timeout="2s")
+    forwarder, upstream = sniffing
     with client.connect(4, 80) as sock:
         sock.sendall(b"GET /index.html HTTP/1.1\r\nHost: origin.test\r\n\r\n")
         assert b"origin index\n" in recv_until(sock, b"origin index\n")
@@ -61,11 +65,9 @@ def test_a_real_name_is_still_used_so_the_regression_test_can_fail(
 
 @pytest.mark.parametrize("name", NUMERIC_NAMES)
 def test_a_numeric_sni_falls_back_to_the_original_ip(
-    name: str, client: Client, start_origin, start_upstream, start_handyproxy
+    name: str, client: Client, sniffing: tuple[Forwarder, Upstream]
 ):
-    start_origin("https")
-    upstream = start_upstream("builtin")
-    forwarder = start_handyproxy(sniff_timeout="2s")
+    forwarder, upstream = sniffing
     hello = client_hello(name)
     assert name.encode() in hello  # the SNI really carries the numeric form
     with client.connect(4, 443) as sock:

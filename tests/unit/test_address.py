@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import pytest
+from test_sniff_tls import real_client_hello as client_hello
 
 from handyproxy.address import is_numeric_host, split_hostport, valid_hostname
 from handyproxy.sniff import http as sniff_http
@@ -67,17 +68,3 @@ def test_a_port_of_non_ascii_digits_is_refused(port: str) -> None:
 def test_ascii_ports_still_parse() -> None:
     assert split_hostport("proxy.local:3128") == ("proxy.local", 3128)
     assert split_hostport("[2001:db8::1]:08080") == ("2001:db8::1", 8080)
-
-
-def client_hello(name: str) -> bytes:
-    """A minimal TLS 1.2 ClientHello carrying ``name`` as its SNI."""
-    host = name.encode()
-    sni = b"\x00" + len(host).to_bytes(2, "big") + host
-    sni_list = len(sni).to_bytes(2, "big") + sni
-    ext = b"\x00\x00" + len(sni_list).to_bytes(2, "big") + sni_list
-    body = (
-        b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
-        + len(ext).to_bytes(2, "big") + ext
-    )  # fmt: skip
-    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
-    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake

@@ -477,21 +477,24 @@ def test_addresses_alternate_families_starting_with_ipv6() -> None:
     ]
 
 
+async def race(ports: list[int]) -> tuple[int, float]:
+    """Connect to the first of these loopback ports that answers: (winner's index, seconds)."""
+    loop = asyncio.get_running_loop()
+    addrs = [(socket.AF_INET, ("127.0.0.1", port)) for port in ports]
+    deadline = updial.Deadline(loop, 10.0)
+    started = time.monotonic()
+    sock, poll, index = await updial.connect_first(loop, addrs, deadline)
+    took = time.monotonic() - started
+    deadline.cancel()
+    updial.drop(sock, poll)
+    return index, took
+
+
 def test_a_hanging_first_address_gets_a_second_attempt_after_250ms() -> None:
     async def main() -> None:
         good = await FakeProxy().start()
-        loop = asyncio.get_running_loop()
         with black_hole() as port:
-            addrs = [
-                (socket.AF_INET, ("127.0.0.1", port)),
-                (socket.AF_INET, ("127.0.0.1", good.port)),
-            ]
-            deadline = updial.Deadline(loop, 10.0)
-            started = time.monotonic()
-            sock, poll, index = await updial.connect_first(loop, addrs, deadline)
-            took = time.monotonic() - started
-            deadline.cancel()
-            updial.drop(sock, poll)
+            index, took = await race([port, good.port])
         assert index == 1
         assert 0.2 <= took < 1.0, took
 
@@ -501,17 +504,7 @@ def test_a_hanging_first_address_gets_a_second_attempt_after_250ms() -> None:
 def test_a_refused_first_address_starts_the_next_at_once() -> None:
     async def main() -> None:
         good = await FakeProxy().start()
-        loop = asyncio.get_running_loop()
-        addrs = [
-            (socket.AF_INET, ("127.0.0.1", closed_port())),
-            (socket.AF_INET, ("127.0.0.1", good.port)),
-        ]
-        deadline = updial.Deadline(loop, 10.0)
-        started = time.monotonic()
-        sock, poll, index = await updial.connect_first(loop, addrs, deadline)
-        took = time.monotonic() - started
-        deadline.cancel()
-        updial.drop(sock, poll)
+        index, took = await race([closed_port(), good.port])
         assert index == 1
         assert took < 0.2, took
 
