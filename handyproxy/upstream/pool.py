@@ -314,7 +314,9 @@ class UpstreamSet:
 
         The request names ``host`` as given (a sniffed name or the original IP).
         """
-        grp = self.groups[group]
+        grp = self.groups.get(group)
+        if grp is None:  # rules from another Config than this set (a reload in between)
+            raise ConnectError(f"no upstream group {group!r}")
         candidates = grp.pick(self.policy)
         if not candidates:
             raise self.all_down(grp)

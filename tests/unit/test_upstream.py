@@ -565,3 +565,16 @@ def list_fds() -> list[str]:
     import os
 
     return os.listdir("/proc/self/fd")
+
+
+def test_a_group_the_set_does_not_have_fails_the_tunnel_not_the_process() -> None:
+    """During a reload a tunnel may carry rules of the old Config to the new set."""
+
+    async def main() -> None:
+        a = await FakeProxy().start()
+        async with upstream_set([a.spec()]) as ups:
+            with pytest.raises(ConnectError, match="no upstream group 'gone'"):
+                await tunnel(ups, group="gone")
+            assert a.requests == []
+
+    run(main)
