@@ -59,7 +59,7 @@ class Ticker:
         deadline = time.monotonic() + 30
         while len([a for a in self.attempts() if a.t0 > after]) < count:
             assert time.monotonic() < deadline, self.out.text()[-2000:]
-            self.out.wait_for(r'"i"', 1, count=len(self.out.matching(r'"i"')) + 1)
+            self.out.wait_for(r'"i"', 30, count=len(self.out.matching(r'"i"')) + 1)
 
     def stop(self) -> list[Attempt]:
         assert self.proc.stdin is not None
@@ -108,6 +108,8 @@ def test_killing_the_first_upstream_mid_run_costs_at_most_the_tunnels_in_flight(
     back_up = time.time()
     ticker.wait_attempts(50, after=back_up)
     attempts = ticker.stop()
+    completed = len([a for a in attempts if not a.error])
+    forwarder.log.wait_for(r"tunnel end .*end=eof", 10, count=completed)  # the last records
 
     in_flight = {a.i for a in attempts if a.t0 <= killed <= a.t1}
     failed = [a for a in attempts if a.error]
@@ -156,8 +158,8 @@ def test_with_every_upstream_down_clients_are_reset_at_once_and_logged_once(
     squid_b.kill()
     for _ in range(20):
         assert client.expect_reset(4, 80, b"GET / HTTP/1.1\r\n\r\n") < 2.0
-    records = forwarder.log.matching(r"tunnel end .*end=connect-failed")
-    assert len(records) == 20
+    matches = forwarder.log.wait_for(r"tunnel end .*end=connect-failed", 5, count=20)
+    records = [m.string for m in matches]
     assert sum('reason="every upstream is down"' in r for r in records) >= 19
     assert len(forwarder.log.matching(r"every upstream is down: resetting clients")) == 1
     assert len(forwarder.log.matching(r"upstream down")) == 2
