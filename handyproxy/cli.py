@@ -35,11 +35,8 @@ def usage() -> str:
     for f in dataclasses.fields(config.Config):
         name = f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        if f.metadata["kind"] == "duration":
-            value = config.format_duration(value)
-        elif f.metadata["kind"] == "sniff_timeout":
-            value = f"{value:g}"
-        lines.append(f"  -{name:<24} {f.metadata['help']} (default {value!r})")
+        shown = value if f.metadata["kind"] in ("str", "int") else config.display(name, value)
+        lines.append(f"  -{name:<24} {f.metadata['help']} (default {shown!r})")
     lines.append(f"  -{'config FILE':<24} TOML file with the settings above; flags win")
     lines.append(f"  -{'version':<24} print the version and exit")
     return "\n".join(lines)
@@ -63,17 +60,24 @@ def parse_args(argv: list[str]) -> config.Config:
             raise _VersionRequested
         if name != "config" and name not in known:
             raise UsageError(f"-{name}", "unknown flag (see -help)")
+        kind = config.kind(name) if name != "config" else "str"
         if not eq:
-            if not args:
+            if kind == "bool":  # Go's flag: a bare boolean flag means true
+                value = "true"
+            elif not args:
                 raise UsageError(f"-{name}", "missing value")
-            value = args.pop(0)
+            else:
+                value = args.pop(0)
         if name == "config":
             config_path = value
             continue
         try:
-            given[name] = config.convert(name, value)
+            converted = config.convert(name, value)
         except ValueError as exc:
             raise UsageError(f"-{name}", str(exc)) from None
+        if kind in config.REPEATABLE_KINDS and name in given:
+            converted = given[name] + converted
+        given[name] = converted
     values: dict[str, Any] = {}
     if config_path is not None:
         try:

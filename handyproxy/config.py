@@ -12,12 +12,17 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 from handyproxy.address import split_hostport
 from handyproxy.relay import RELAYS
+from handyproxy.rules import Rule, parse_rules
+from handyproxy.upstream import spec as upstream_spec
 
-DEFAULT_UPSTREAM_PORT = 3128
+DEFAULT_UPSTREAM_PORT = upstream_spec.DEFAULT_PORT
+#: Kinds whose flag may be given several times; the values add up instead of replacing.
+REPEATABLE_KINDS = ("upstreams", "rules")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -125,13 +130,14 @@ class Config:
 
     local_port: int = option(8443, "int", "port to listen on (0: the kernel picks)")
     listen_address: str = option("", "str", "IP address to listen on (default: all, IPv4 and IPv6)")
-    upstream_proxy: str = option(
+    upstream_proxy: str | tuple[upstream_spec.UpstreamSpec, ...] = option(
         f"localhost:{DEFAULT_UPSTREAM_PORT}",
-        "str",
-        "upstream HTTP proxy, host[:port] or [v6]:port (port 3128 if missing)",
+        "upstreams",
+        "upstream HTTP proxies, host[:port] or [v6]:port (port 3128 if missing); "
+        "comma-separated, repeatable",
     )
     dial_timeout: float = option(
-        180.0, "duration", "bound on reaching the upstream and reading its CONNECT reply"
+        180.0, "duration", "bound on reaching an upstream and reading its CONNECT reply"
     )
     sniff_timeout: float = option(
         -1.0, "sniff_timeout", "hostname sniffing: -1 off, 0 means 1s, else a duration"
@@ -141,6 +147,41 @@ class Config:
     )
     sniff_ports: tuple[int, ...] = option(
         (), "ports", "comma-separated original ports to sniff (default: all)"
+    )
+    upstream_policy: str = option(
+        "failover",
+        "str",
+        "failover (the first healthy one in order), round-robin or least-connections",
+    )
+    upstream_credentials_file: str = option(
+        "",
+        "str",
+        "file with one user:password line for Proxy-Authorization: Basic; a relative name "
+        "is looked up under $CREDENTIALS_DIRECTORY (systemd LoadCredential=)",
+    )
+    upstream_connect_timeout: float = option(
+        3.0, "duration", "bound on connecting to one upstream while another could take over"
+    )
+    upstream_max_fails: int = option(
+        1, "int", "consecutive failures (connect, timeout, no reply) that mark an upstream down"
+    )
+    upstream_probe_interval: float = option(
+        5.0, "duration", "longest wait between probes of a down upstream (0.5s first, doubling)"
+    )
+    upstream_probe_target: str = option(
+        "", "str", "probe a down upstream with CONNECT host:port (default: a TCP connect)"
+    )
+    allow_upstream_ports: bool = option(
+        False,
+        "bool",
+        "tunnel destinations on an upstream's port (refused by default: another address of "
+        "the proxy's host would reach the proxy itself)",
+    )
+    rule: tuple[Rule, ...] = option(
+        (),
+        "rules",
+        "per-destination rule 'dst=CIDR,.. port=P,.. name=N,.. ACTION', ACTION proxy[:GROUP], "
+        "direct or reject; repeatable, the first match wins",
     )
     idle_timeout: float = option(
         0.0, "duration", "end tunnels idle this long in both directions (0: never)"
@@ -171,9 +212,23 @@ class Config:
         """The original treats 0 as "the default of one second", not "no wait"."""
         return 1.0 if self.sniff_timeout == 0 else self.sniff_timeout
 
-    @property
-    def upstream(self) -> tuple[str, int]:
-        return split_hostport(self.upstream_proxy, DEFAULT_UPSTREAM_PORT)
+    @cached_property
+    def upstreams(self) -> tuple[upstream_spec.UpstreamSpec, ...]:
+        """The upstream list parsed and its credentials read, once; validate() checks it."""
+        if not isinstance(self.upstream_credentials_file, str):
+            raise ConfigError("upstream-credentials-file", "expected a file name")
+        try:
+            specs = upstream_spec.parse_upstreams(self.upstream_proxy)
+            return upstream_spec.load(specs, self.upstream_credentials_file)
+        except upstream_spec.SpecError as exc:
+            raise ConfigError(exc.field, str(exc)) from None
+
+    @cached_property
+    def rules(self) -> tuple[Rule, ...]:
+        try:
+            return parse_rules(self.rule)
+        except ValueError as exc:
+            raise ConfigError("rule", str(exc)) from None
 
     def validate(self) -> Config:
         """Raise ConfigError for the first setting that cannot work; return self otherwise."""
@@ -185,11 +240,8 @@ class Config:
                 raise ConfigError(
                     "listen-address", f"{self.listen_address!r} is not an IP address"
                 ) from None
-        try:
-            self.upstream  # noqa: B018 - parsing is the check
-        except ValueError as exc:
-            raise ConfigError("upstream-proxy", str(exc)) from None
         _check_seconds("dial-timeout", self.dial_timeout, positive=True)
+        self._validate_upstreams()
         _check_seconds("sniff-timeout", self.sniff_timeout, allow_negative=True)
         _check_int("sniff-max-bytes", self.sniff_max_bytes, 1, 1 << 20)
         for port in self.sniff_ports:
@@ -206,7 +258,43 @@ class Config:
             raise ConfigError("log-format", f"must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+        self._validate_rules()
         return self
+
+    def _validate_upstreams(self) -> None:
+        specs = self.upstreams
+        if not any(s.group == upstream_spec.DEFAULT_GROUP for s in specs):
+            raise ConfigError(
+                "upstream-proxy",
+                f"no upstream is in group {upstream_spec.DEFAULT_GROUP!r}: connections that no "
+                "rule sends elsewhere would have nowhere to go",
+            )
+        if self.upstream_policy not in upstream_spec.POLICIES:
+            raise ConfigError(
+                "upstream-policy", f"must be one of {', '.join(upstream_spec.POLICIES)}"
+            )
+        _check_seconds("upstream-connect-timeout", self.upstream_connect_timeout, positive=True)
+        _check_int("upstream-max-fails", self.upstream_max_fails, 1, 1000)
+        _check_seconds("upstream-probe-interval", self.upstream_probe_interval, positive=True)
+        if not isinstance(self.upstream_probe_target, str):
+            raise ConfigError("upstream-probe-target", "expected host:port")
+        if self.upstream_probe_target:
+            try:
+                split_hostport(self.upstream_probe_target)
+            except ValueError as exc:
+                raise ConfigError("upstream-probe-target", str(exc)) from None
+        if not isinstance(self.allow_upstream_ports, bool):
+            raise ConfigError("allow-upstream-ports", "expected true or false")
+
+    def _validate_rules(self) -> None:
+        groups = {s.group for s in self.upstreams}
+        for number, rule in enumerate(self.rules, 1):
+            if rule.action == "proxy" and rule.group not in groups:
+                raise ConfigError("rule", f"rule {number}: no upstream is in group {rule.group!r}")
+            if rule.names and not self.sniffing:
+                raise ConfigError(
+                    "rule", f"rule {number}: name= needs sniffing on (-sniff-timeout 0 or more)"
+                )
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -236,8 +324,7 @@ def option_names() -> list[str]:
 
 def convert(name: str, value: Any) -> Any:
     """Turn a flag or TOML value into the field's type; ValueError says why it cannot be."""
-    f = {f.name: f for f in fields(Config)}[name.replace("-", "_")]
-    return _CONVERTERS[f.metadata["kind"]](value)
+    return _CONVERTERS[kind(name)](value)
 
 
 def _to_duration(value: Any) -> float:
@@ -280,13 +367,51 @@ def _to_str(value: Any) -> str:
     return value
 
 
+def _to_bool(value: Any) -> bool:
+    """Go's strconv.ParseBool spellings, and TOML booleans."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if value in ("1", "t", "T", "true", "TRUE", "True"):
+            return True
+        if value in ("0", "f", "F", "false", "FALSE", "False"):
+            return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "duration": _to_duration,
     "sniff_timeout": parse_sniff_timeout,
     "int": _to_int,
     "ports": _to_ports,
     "str": _to_str,
+    "bool": _to_bool,
+    "upstreams": upstream_spec.parse_upstreams,
+    "rules": parse_rules,
 }
+
+
+def kind(name: str) -> str:
+    """How a flag or key's value is converted (``int``, ``bool``, ``rules``...)."""
+    return {f.name: f for f in fields(Config)}[name.replace("-", "_")].metadata["kind"]
+
+
+def display(name: str, value: Any) -> str:
+    """A value as the user would write it on the command line (for ``-help`` and logs)."""
+    how = kind(name)
+    if how == "duration":
+        return format_duration(value)
+    if how == "sniff_timeout":
+        return f"{value:g}"
+    if how == "bool":
+        return "true" if value else "false"
+    if how == "upstreams":
+        return ",".join(s.name for s in upstream_spec.parse_upstreams(value))
+    if how == "rules":
+        return "; ".join(str(r) for r in parse_rules(value)) or "none"
+    if how == "ports":
+        return ",".join(str(p) for p in value) or "all"
+    return str(value)
 
 
 def load_toml(path: str) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """The HTTP CONNECT handshake with the upstream proxy: the request and its reply.
 
+Pure bytes in, bytes out: no sockets, no timers (``handyproxy.upstream`` does the I/O).
+
 The reply parser reports where the header ends, because an origin that speaks first (SSH, SMTP,
 FTP banners) can have its first bytes arrive in the same read as the proxy's reply; those bytes
 belong to the client and must not be dropped.
@@ -7,6 +9,7 @@ belong to the client and must not be dropped.
 
 from __future__ import annotations
 
+import base64
 import re
 
 from handyproxy import __version__
@@ -14,6 +17,7 @@ from handyproxy.address import authority
 
 MAX_REPLY_BYTES = 16 * 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\r?")
+_AUTH_SCHEME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class ConnectReplyError(Exception):
@@ -21,22 +25,32 @@ class ConnectReplyError(Exception):
 
 
 class ConnectError(Exception):
-    """The tunnel could not be opened; ``status`` is the upstream's code when it sent one."""
+    """The tunnel could not be opened; ``status`` is the upstream's code when it sent one, and
+    ``upstream`` the name of the last upstream tried, when there was one."""
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(self, reason: str, status: int | None = None, upstream: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.upstream = upstream
 
 
-def build_request(host: str, port: int) -> bytes:
-    """The whole CONNECT request, sent in one write so proxies see it in one segment."""
+def basic_authorization(user: str, password: str) -> bytes:
+    """The ``Proxy-Authorization`` value for Basic (RFC 7617): UTF-8 ``user:password``, base64."""
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+def build_request(host: str, port: int, authorization: bytes = b"") -> bytes:
+    """The whole CONNECT request, sent in one write so proxies see it in one segment.
+
+    ``authorization`` is a ready ``Proxy-Authorization`` value (see basic_authorization).
+    """
     target = authority(host, port).encode("ascii")
+    auth = b"Proxy-Authorization: " + authorization + b"\r\n" if authorization else b""
     return (
         b"CONNECT " + target + b" HTTP/1.1\r\n"
         b"Host: " + target + b"\r\n"
-        b"User-Agent: handyproxy/" + __version__.encode() + b"\r\n"
-        b"\r\n"
+        b"User-Agent: handyproxy/" + __version__.encode() + b"\r\n" + auth + b"\r\n"
     )
 
 
@@ -67,3 +81,24 @@ def parse_reply(buf: bytes) -> tuple[int, int] | None:
         if nl == pos or (nl == pos + 1 and buf[pos] == 0x0D):
             return status, nl + 1
         pos = nl + 1
+
+
+def auth_schemes(header: bytes) -> list[str]:
+    """The schemes a 407 reply's ``Proxy-Authenticate`` headers ask for (``["Basic", "NTLM"]``).
+
+    Only the scheme tokens are returned, never parameters: they are what an operator needs in
+    the log, and a realm or challenge has no business there.
+    """
+    schemes: list[str] = []
+    for raw in header.split(b"\n")[1:]:
+        name, colon, value = raw.partition(b":")
+        if not colon or name.strip().lower() != b"proxy-authenticate":
+            continue
+        text = value.decode("latin-1")
+        # Several challenges may share one header: 'Basic realm="x", NTLM'. A scheme is the
+        # first token of a comma-separated part; parameters (name=value) fail the token match.
+        for part in text.split(","):
+            token = part.strip().split(" ", 1)[0]
+            if _AUTH_SCHEME.fullmatch(token) and token not in schemes:
+                schemes.append(token)
+    return schemes

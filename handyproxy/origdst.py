@@ -7,8 +7,10 @@ sockets, and for those the IPv4 option (SOL_IP) is the one conntrack answers.
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import struct
+from collections.abc import Collection
 
 from handyproxy.address import unmap
 
@@ -60,21 +62,32 @@ def _is_loopback(host: str) -> bool:
 def is_self(
     dst: tuple[str, int],
     local: tuple[str, int] | None,
-    listen_ports: set[int],
-    upstreams: list[tuple[str, int]],
+    listen_ports: Collection[int],
+    upstreams: Collection[tuple[str, int]],
+    upstream_ports: Collection[int] = (),
 ) -> str | None:
-    """Why a destination must not be tunnelled (``not-redirected`` / ``loop``), or None.
+    """Why a destination must not be tunnelled, or None.
 
-    A connection whose original destination is the listener's own address was never
-    redirected; one aimed at the upstream proxy or at another of our ports would loop.
+    - ``not-redirected``: the original destination is the listener's own address.
+    - ``loop``: it is a known address of an upstream proxy (``upstreams`` holds them unmapped),
+      or another of our ports on a loopback or our own address.
+    - ``upstream-port``: it is on a port an upstream listens on (``upstream_ports``, empty when
+      the operator allowed them). The proxy's host may answer on addresses nobody told us
+      about (a second IPv4 address, its IPv6 address); through such an address the proxy would
+      connect to itself, and the client could then ask it for any port. Refusing the port
+      keeps that promise without having to know every address.
+
     ``local`` (the accepted socket's own address) matters only when ``dst`` is on one of our
     ports, so the caller may pass None for any other destination and save a syscall.
     """
-    if any(same_endpoint(dst, up) for up in upstreams):
-        return "loop"
-    if dst[1] not in listen_ports:
-        return None
+    port = dst[1]
     dst_ip = unmap(dst[0])
+    if (dst_ip, port) in upstreams:
+        return "loop"
+    if port in upstream_ports:
+        return "upstream-port"
+    if port not in listen_ports:
+        return None
     if local is None:
         raise ValueError("is_self needs the local address for a destination on a listen port")
     if same_endpoint(dst, local):
@@ -82,3 +95,21 @@ def is_self(
     if dst_ip == unmap(local[0]) or _is_loopback(dst_ip):
         return "loop"
     return None
+
+
+_ABSOLUTE_FORM = re.compile(rb"[A-Z][A-Z-]{0,19} +[A-Za-z][A-Za-z0-9+.-]*://")
+_CONNECT = b"CONNECT "
+
+
+def is_proxy_request(first: bytes) -> bool:
+    """Whether a client's first bytes address an HTTP proxy: ``CONNECT`` (or the start of it,
+    when the client stopped there) or a request with an absolute URI (``GET http://...``).
+
+    A client that speaks to a proxy through a tunnel aimed at a proxy port is nesting tunnels;
+    when that proxy is ours, the nested request would reach any port it names.
+    """
+    if not first:
+        return False
+    if first.startswith(_CONNECT) or _CONNECT.startswith(first[: len(_CONNECT)]):
+        return True
+    return _ABSOLUTE_FORM.match(first) is not None

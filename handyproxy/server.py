@@ -19,18 +19,19 @@ import sys
 import time
 from collections.abc import Callable
 
-from handyproxy import relay, systemd
+from handyproxy import config, relay, systemd
 from handyproxy.address import authority
 from handyproxy.config import Config
 from handyproxy.log import logger
+from handyproxy.rules import RuleSet
 from handyproxy.sockets import tune_socket
 from handyproxy.tunnel import Hub, Tunnel
+from handyproxy.upstream import UpstreamSet
 
 EXIT_STARTUP_FAILURE = 3
 BACKLOG = 4096
 ACCEPT_BATCH = 64
 TICK = 1.0
-UPSTREAM_REFRESH = 60.0
 BACKOFF_FIRST = 0.01
 BACKOFF_MAX = 1.0
 BACKOFF_LOG_EVERY = 10.0
@@ -107,6 +108,8 @@ class Server:
             config=cfg,
             listen_ports={s.getsockname()[1] for s in listeners},
             relay_cls=relay.load(cfg.relay),
+            upstreams=UpstreamSet.from_config(cfg),
+            rules=RuleSet.from_config(cfg),
         )
         self.stop_requested: asyncio.Event | None = None
         self.accept_paused = False
@@ -114,7 +117,6 @@ class Server:
         self.exhausted_count = 0
         self.exhausted_logged = 0.0
         self.last_status = ""
-        self.upstream_resolved = 0.0
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 30
         self.fd_base = len(os.listdir("/proc/self/fd"))
@@ -128,12 +130,7 @@ class Server:
         for sig in _HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
         try:
-            await self.refresh_upstream()
-            if not self.hub.upstreams:
-                logger.warning(
-                    "upstream proxy does not resolve yet; retrying",
-                    extra={"fields": {"upstream": self.cfg.upstream_proxy}},
-                )
+            await self.hub.upstreams.start(loop)
             self.start_accepting()
             if self.notify:  # a worker's supervisor has announced the listeners already
                 log_listening(self.listeners, self.cfg)
@@ -141,6 +138,7 @@ class Server:
             ticker = loop.create_task(self.tick_forever())
             await self.stop_requested.wait()
             ticker.cancel()
+            self.hub.upstreams.close()
             await self.shutdown()
         finally:
             for sig in _HANDLED_SIGNALS:
@@ -282,8 +280,6 @@ class Server:
             self.tick(loop.time())
             if watchdog:
                 systemd.watchdog()
-            if loop.time() - self.upstream_resolved >= UPSTREAM_REFRESH or not self.hub.upstreams:
-                await self.refresh_upstream()
 
     def tick(self, now: float) -> None:
         idle, half = self.cfg.idle_timeout, self.cfg.half_close_timeout
@@ -296,29 +292,15 @@ class Server:
             systemd.status(text)
             self.last_status = text
 
-    async def refresh_upstream(self) -> None:
-        """Re-resolve the upstream now and then, so a DNS change needs no restart."""
-        loop = asyncio.get_running_loop()
-        host, port = self.cfg.upstream
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            infos = []
-        if infos:
-            self.hub.upstreams = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-            self.hub.upstream_endpoints = [
-                (sockaddr[0], sockaddr[1]) for _, sockaddr in self.hub.upstreams
-            ]
-        self.upstream_resolved = loop.time()
-
 
 def log_listening(listeners: list[socket.socket], cfg: Config, **fields: object) -> None:
     """One ``listening on`` line per socket: operators and tests read the real port here."""
+    upstreams = config.display("upstream-proxy", cfg.upstreams)
     for sock in listeners:
         host, port = sock.getsockname()[:2]
         logger.info(
             f"listening on {authority(host, port)}",
-            extra={"fields": {"upstream": cfg.upstream_proxy, **fields}},
+            extra={"fields": {"upstream": upstreams, **fields}},
         )
 
 

@@ -1,31 +1,37 @@
-"""One connection's whole story, in order: original destination, loop guard, sniff, CONNECT,
-relay, and one access record at the end.
+"""One connection's whole story, in order: original destination, loop guard, sniff, rules,
+upstream, relay, and one access record at the end.
 
 Errors from the steps are narrow exceptions; they are caught here and turned into a reset of
 the client, and the one access record says how the tunnel ended. Only an unexpected exception
-(a bug) is logged twice: its traceback first, then that record with ``end=error``.
+(a bug) is logged twice: its traceback first, then that record with ``end=error``. How an
+upstream is chosen and dialled is ``handyproxy.upstream``'s business: a tunnel asks it for a
+connected socket and knows nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass, field
 
-from handyproxy import connect, origdst
+from handyproxy import origdst
 from handyproxy.address import authority, unmap
 from handyproxy.config import Config
+from handyproxy.connect import ConnectError
 from handyproxy.log import access, logger
 from handyproxy.relay.base import RelayBase
+from handyproxy.rules import UNDECIDED, Rule, RuleSet
 from handyproxy.sniff import http as sniff_http
 from handyproxy.sniff import tls as sniff_tls
-from handyproxy.sockets import reset_socket, tune_socket
+from handyproxy.sockets import reset_socket
+from handyproxy.upstream import DEFAULT_GROUP, Upstream, UpstreamSet
+from handyproxy.upstream.dial import UpstreamPoll
 
-READ_SIZE = 4096
+#: How long to wait for a client's first bytes on an upstream's port (allowed by
+#: -allow-upstream-ports) when sniffing is off: they decide whether it is a nested proxy request.
+PEEK_TIMEOUT = 1.0
 
 
 @dataclass(eq=False)
@@ -36,8 +42,8 @@ class Hub:
     listen_ports: set[int]
     # Set by the server; passed around because asyncio.get_running_loop() costs a getpid().
     loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-    upstreams: list[tuple[int, tuple]] = field(default_factory=list)  # (family, sockaddr)
-    upstream_endpoints: list[tuple[str, int]] = field(default_factory=list)
+    upstreams: UpstreamSet = None  # type: ignore[assignment]
+    rules: RuleSet = field(default_factory=RuleSet)
     relay_cls: type[RelayBase] = None  # type: ignore[assignment]
     tunnels: set[Tunnel] = field(default_factory=set)
     per_client: dict[str, int] = field(default_factory=dict)
@@ -54,12 +60,15 @@ class Tunnel:
         "dst",
         "hub",
         "relay",
+        "rule",
         "sock",
         "started",
         "status",
         "target",
         "task",
         "upoll",
+        "upstream",
+        "via",
     )
 
     def __init__(self, hub: Hub, sock: socket.socket, client: tuple) -> None:
@@ -69,11 +78,14 @@ class Tunnel:
         self.client_port: int = client[1]
         self.dst = "-"
         self.target = "-"
+        self.via = "-"  # the upstream's name, "direct", or "-" before one was chosen
+        self.rule = 0  # the rule that decided (1-based), 0 for none
         self.status: int | None = None
         self.started = time.monotonic()
         self.relay: RelayBase | None = None
         self.task: asyncio.Task[None] | None = None
         self.upoll: UpstreamPoll | None = None
+        self.upstream: Upstream | None = None
 
     @property
     def client(self) -> str:
@@ -82,30 +94,14 @@ class Tunnel:
 
     async def run(self) -> None:
         """Set the tunnel up; from then on the relay's callbacks carry it, no task remains."""
-        hub, cfg, sock = self.hub, self.hub.config, self.sock
         try:
-            try:
-                dst = origdst.original_dst(sock, self.client_ip)
-            except origdst.OrigDstError:
-                self.refuse("not-redirected")
-                return
-            self.dst = authority(*dst)
-            local = sock.getsockname()[:2] if dst[1] in hub.listen_ports else None
-            reason = origdst.is_self(dst, local, hub.listen_ports, hub.upstream_endpoints)
-            if reason:
-                self.refuse(reason)
-                return
-            # TCP_NODELAY and keepalive come from the listener (accept copies them).
-            host = dst[0]
-            first = b""
-            if cfg.sniffing and (not cfg.sniff_ports or dst[1] in cfg.sniff_ports):
-                first, name = await sniff(sock, cfg.effective_sniff_timeout, cfg.sniff_max_bytes)
-                if name:
-                    host = name
-            self.target = authority(host, dst[1])
-            upstream, leftover = await self.open_upstream(host, dst[1])
-            await self.start_relay(upstream, first, leftover)
-        except connect.ConnectError as exc:
+            dst = self.guard()
+            if dst is not None:
+                await self.connect(dst)
+        except ConnectError as exc:
+            self.status = exc.status
+            if exc.upstream:
+                self.via = exc.upstream
             self.fail("connect-failed", exc.reason)
         except asyncio.CancelledError:
             self.fail("shutdown", "cancelled during setup")
@@ -116,74 +112,68 @@ class Tunnel:
         finally:
             self.task = None
 
-    async def open_upstream(self, host: str, port: int) -> tuple[socket.socket, bytes]:
-        """Dial the upstream and ask for the tunnel, all within the dial timeout.
-
-        Returns the connected socket and any bytes the upstream sent after its reply header.
-        The socket is left in ``self.upoll``'s care (still registered for reading) until
-        start_relay hands it to the relay.
-        """
-        loop = self.hub.loop
-        cfg = self.hub.config
-        task = asyncio.current_task(loop)
-        assert task is not None
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
-
-        timer = loop.call_later(cfg.dial_timeout, expire)
-        sock: socket.socket | None = None
+    def guard(self) -> tuple[str, int] | None:
+        """The original destination; None once a connection the loop guard forbids is refused."""
+        hub, sock = self.hub, self.sock
         try:
-            sock = await self.dial(loop)
-            poll = self.upoll
-            assert poll is not None
-            request = connect.build_request(host, port)
-            try:
-                sent = sock.send(request)  # a fresh socket takes a few hundred bytes at once
-            except BlockingIOError:
-                sent = 0
-            if sent < len(request):
-                poll.close()  # sock_sendall registers (and drops) a writer of its own
-                await loop.sock_sendall(sock, request[sent:])
-            buf = b""
-            while True:
-                # The reply is one round trip away at least: wait before reading.
-                await poll.wait(write=False)
-                try:
-                    chunk = sock.recv(READ_SIZE)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    raise connect.ConnectError("upstream closed before its reply ended")
-                buf += chunk
-                try:
-                    parsed = connect.parse_reply(buf)
-                except connect.ConnectReplyError as exc:
-                    raise connect.ConnectError(str(exc)) from None
-                if parsed is not None:
-                    break
-        except asyncio.CancelledError:
-            self.drop_upstream(sock)
-            if not expired:
-                raise  # shutdown
-            task.uncancel()
-            raise connect.ConnectError(f"no answer within {cfg.dial_timeout:g}s") from None
-        except OSError as exc:
-            self.drop_upstream(sock)
-            raise connect.ConnectError(f"upstream connection failed: {exc}") from None
-        except BaseException:  # ConnectError: do not leak the socket
-            self.drop_upstream(sock)
-            raise
-        finally:
-            timer.cancel()
-        self.status, length = parsed
-        if not 200 <= self.status < 300:
-            self.drop_upstream(sock)
-            raise connect.ConnectError("upstream refused the tunnel", self.status)
-        return sock, buf[length:]
+            dst = origdst.original_dst(sock, self.client_ip)
+        except origdst.OrigDstError:
+            self.refuse("not-redirected")
+            return None
+        self.dst = authority(*dst)
+        local = sock.getsockname()[:2] if dst[1] in hub.listen_ports else None
+        ups = hub.upstreams
+        reason = origdst.is_self(dst, local, hub.listen_ports, ups.endpoints, ups.guarded_ports)
+        if reason:
+            self.refuse(reason)
+            return None
+        return dst
+
+    async def connect(self, dst: tuple[str, int]) -> None:
+        """Sniff if asked, let the rules decide, open the upstream side, start the relay."""
+        hub, cfg = self.hub, self.hub.config
+        upstreams, rules = hub.upstreams, hub.rules
+        decided = rules.before_sniffing(*dst) if rules else None
+        rule = None if decided is None or decided is UNDECIDED else self.take(decided)
+        if rule is not None and rule.action == "reject":
+            self.refuse("rule")
+            return
+        # TCP_NODELAY and keepalive come from the listener (accept copies them).
+        first, name = b"", None
+        sniffing = cfg.sniffing and (not cfg.sniff_ports or dst[1] in cfg.sniff_ports)
+        peek = dst[1] in upstreams.ports  # an upstream port let through: look for nesting
+        if peek or (sniffing and (rule is None or rule.action != "direct")):
+            timeout = cfg.effective_sniff_timeout if cfg.sniffing else PEEK_TIMEOUT
+            first, name = await sniff(self.sock, timeout, cfg.sniff_max_bytes)
+            if peek and origdst.is_proxy_request(first):
+                self.refuse("proxy-request")
+                return
+            if not sniffing:
+                name = None
+        if decided is UNDECIDED:
+            decided = rules.decide(dst[0], dst[1], name)
+            rule = None if decided is None else self.take(decided)
+            if rule is not None and rule.action == "reject":
+                self.refuse("rule")
+                return
+        if rule is not None and rule.action == "direct":
+            self.via = "direct"
+            self.target = self.dst
+            opened = await upstreams.direct(*dst)
+        else:
+            host = name or dst[0]
+            self.target = authority(host, dst[1])
+            opened = await upstreams.open(host, dst[1], rule.group if rule else DEFAULT_GROUP)
+            self.upstream = up = opened.upstream
+            self.via = up.name if up is not None else "-"
+            self.status = opened.status
+        self.upoll = opened.poll
+        await self.start_relay(opened.sock, first, opened.leftover)
+
+    def take(self, decided: object) -> Rule:
+        """Note which rule decided (for the access record) and return it."""
+        self.rule, rule = decided  # type: ignore[misc]
+        return rule
 
     def drop_upstream(self, sock: socket.socket | None) -> None:
         """Unregister, then close (in that order: libuv must never poll a closed descriptor)."""
@@ -192,39 +182,6 @@ class Tunnel:
             self.upoll = None
         if sock is not None:
             sock.close()
-
-    async def dial(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
-        """Connect to the first upstream address that answers."""
-        hub = self.hub
-        if not hub.upstreams:
-            raise connect.ConnectError("upstream proxy name did not resolve")
-        errors = []
-        for family, sockaddr in hub.upstreams:
-            try:
-                # SOCK_NONBLOCK here spares the ioctl that setblocking(False) would cost.
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            except OSError as exc:  # EMFILE: this tunnel fails, the process goes on
-                raise connect.ConnectError(f"cannot open a socket: {exc.strerror}") from None
-            self.upoll = poll = UpstreamPoll(loop, sock.fileno())
-            try:
-                # Not loop.sock_connect: uvloop resolves the (already numeric) address again
-                # in its thread pool for every call.
-                err = sock.connect_ex(sockaddr)
-                if err == errno.EINPROGRESS:
-                    await poll.wait(write=True)
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-            except OSError as exc:
-                self.drop_upstream(sock)
-                errors.append(f"{sockaddr[0]}: {exc.strerror or exc}")
-                continue
-            except BaseException:
-                self.drop_upstream(sock)
-                raise
-            tune_socket(sock)
-            return sock
-        raise connect.ConnectError("cannot reach upstream: " + "; ".join(errors))
 
     async def start_relay(self, upstream: socket.socket, first: bytes, leftover: bytes) -> None:
         """Deliver the bytes already read on each side, then hand both sockets to the relay."""
@@ -268,6 +225,8 @@ class Tunnel:
         hub = self.hub
         if self in hub.tunnels:
             hub.tunnels.discard(self)
+            if self.upstream is not None:
+                self.upstream.tunnels_open -= 1
             n = hub.per_client.get(self.client_ip, 0) - 1
             if n > 0:
                 hub.per_client[self.client_ip] = n
@@ -282,69 +241,18 @@ class Tunnel:
             "client": self.client,
             "dst": self.dst,
             "target": self.target,
+            "upstream": self.via,
             "status": self.status if self.status is not None else "-",
             "up": relay.bytes_up if relay else 0,
             "down": relay.bytes_down if relay else 0,
             "duration": f"{time.monotonic() - self.started:.3f}s",
             "end": end,
         }
+        if self.rule:
+            fields["rule"] = self.rule
         if reason:
             fields["reason"] = reason
         access.info("tunnel end", extra={"fields": fields})
-
-
-class UpstreamPoll:
-    """Readiness of the upstream socket during set-up, on one registration from connect to relay.
-
-    uvloop (libuv) builds a poll handle when a descriptor gets its first reader or writer and
-    tears it down when it loses its last, an ioctl and several epoll_ctl calls each time.
-    Switching from writer to reader in place, and leaving the reader registered for the relay to
-    take over, keeps a single handle for the socket's whole life.
-    """
-
-    __slots__ = ("fd", "fut", "loop", "reading", "writing")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
-        self.loop = loop
-        self.fd = fd
-        self.fut: asyncio.Future[None] | None = None
-        self.reading = False
-        self.writing = False
-
-    def wake(self) -> None:
-        fut = self.fut
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    async def wait(self, write: bool) -> None:
-        """Until the socket is writable (a connect finished) or readable (a reply arrived)."""
-        loop, fd = self.loop, self.fd
-        self.fut = fut = loop.create_future()
-        if write and not self.writing:
-            loop.add_writer(fd, self.wake)
-            self.writing = True
-            if self.reading:
-                loop.remove_reader(fd)
-                self.reading = False
-        elif not write and not self.reading:
-            loop.add_reader(fd, self.wake)  # before dropping the writer: the handle survives
-            self.reading = True
-            if self.writing:
-                loop.remove_writer(fd)
-                self.writing = False
-        try:
-            await fut
-        finally:
-            self.fut = None
-
-    def close(self) -> None:
-        """Drop the registration; always before the socket is closed."""
-        if self.reading:
-            self.loop.remove_reader(self.fd)
-            self.reading = False
-        if self.writing:
-            self.loop.remove_writer(self.fd)
-            self.writing = False
 
 
 async def sniff(sock: socket.socket, timeout: float, max_bytes: int) -> tuple[bytes, str | None]:

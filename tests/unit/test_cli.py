@@ -13,8 +13,13 @@ import pytest
 
 from handyproxy import __version__, cli, log, server
 from handyproxy.config import Config
+from handyproxy.upstream import UpstreamSpec
 
 SERVER_RAN = 99
+
+
+def first_upstream(cfg: Config) -> tuple[str, int]:
+    return cfg.upstreams[0].host, cfg.upstreams[0].port
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +31,7 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
 
 ORIGINAL_FLAGS = [
     ("local-port", "8043", "local_port", 8043),
-    ("upstream-proxy", "proxy.local:3129", "upstream_proxy", "proxy.local:3129"),
+    ("upstream-proxy", "proxy.local:3129", "upstream_proxy", (UpstreamSpec("proxy.local", 3129),)),
     ("dial-timeout", "10s", "dial_timeout", 10.0),
     ("sniff-timeout", "0", "sniff_timeout", 0.0),
     ("sniff-max-bytes", "4096", "sniff_max_bytes", 4096),
@@ -77,7 +82,7 @@ def test_every_flag_works_as_flag_equals_value(
 def test_the_originals_example_command_line_parses() -> None:
     cfg = cli.parse_args(["-local-port", "8043", "-upstream-proxy", "proxy.local:3128"])
     assert cfg.local_port == 8043
-    assert cfg.upstream == ("proxy.local", 3128)
+    assert first_upstream(cfg) == ("proxy.local", 3128)
 
 
 def test_sniff_timeout_minus_one_as_separate_value_is_not_taken_for_a_flag() -> None:
@@ -199,7 +204,7 @@ def test_toml_config_sets_values_with_dash_or_underscore_keys(tmp_path: Path) ->
     )
     cfg = cli.parse_args(["-config", path])
     assert cfg.local_port == 8043
-    assert cfg.upstream == ("proxy.local", 3129)
+    assert first_upstream(cfg) == ("proxy.local", 3129)
     assert cfg.dial_timeout == 10.0
     assert cfg.sniff_timeout == 0.0
     assert cfg.sniff_ports == (443, 80)
@@ -326,7 +331,7 @@ def test_missing_config_file_exits_2_naming_it(
 def test_upstream_proxy_accepts_host_ipv4_and_bracketed_ipv6(
     value: str, host: str, port: int
 ) -> None:
-    assert cli.parse_args(["-upstream-proxy", value]).upstream == (host, port)
+    assert first_upstream(cli.parse_args(["-upstream-proxy", value])) == (host, port)
 
 
 @pytest.mark.parametrize(
@@ -364,3 +369,71 @@ def test_upstream_proxy_refuses_malformed_addresses(value: str) -> None:
     with pytest.raises(cli.UsageError) as info:
         cli.parse_args(["-upstream-proxy", value])
     assert info.value.flag == "-upstream-proxy"
+
+
+UPSTREAM_FLAGS = [
+    ("upstream-policy", "round-robin", "upstream_policy", "round-robin"),
+    ("upstream-connect-timeout", "500ms", "upstream_connect_timeout", 0.5),
+    ("upstream-max-fails", "3", "upstream_max_fails", 3),
+    ("upstream-probe-interval", "30s", "upstream_probe_interval", 30.0),
+    ("upstream-probe-target", "origin.test:443", "upstream_probe_target", "origin.test:443"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "attr", "expected"), UPSTREAM_FLAGS)
+def test_upstream_flags_parse(flag: str, value: str, attr: str, expected: object) -> None:
+    assert getattr(cli.parse_args([f"-{flag}={value}"]), attr) == expected
+    assert getattr(cli.parse_args([f"--{flag}", value]), attr) == expected
+
+
+def test_help_lists_the_upstream_flags_with_their_defaults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["-help"]) == 0
+    out = capsys.readouterr().out
+    for name, *_ in UPSTREAM_FLAGS:
+        assert f"-{name}" in out
+    assert "-upstream-credentials-file" in out
+    assert "-allow-upstream-ports" in out
+    assert "-rule" in out
+    assert "(default 'localhost:3128')" in out
+    assert "(default 'failover')" in out
+    assert "(default '3s')" in out
+    assert "(default 'false')" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["-allow-upstream-ports"], True),
+        (["-allow-upstream-ports", "-local-port", "1"], True),  # a bare boolean takes no value
+        (["-allow-upstream-ports=false"], False),
+        (["-allow-upstream-ports=1"], True),
+        ([], False),
+    ],
+)
+def test_a_boolean_flag_is_go_style(argv: list[str], expected: bool) -> None:
+    assert cli.parse_args(argv).allow_upstream_ports is expected
+
+
+def test_a_boolean_flag_refuses_other_words() -> None:
+    with pytest.raises(cli.UsageError) as info:
+        cli.parse_args(["-allow-upstream-ports=yes"])
+    assert info.value.flag == "-allow-upstream-ports"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["-upstream-policy", "random"], "-upstream-policy"),
+        (["-upstream-connect-timeout", "0s"], "-upstream-connect-timeout"),
+        (["-upstream-max-fails", "0"], "-upstream-max-fails"),
+        (["-upstream-probe-interval", "-1s"], "-upstream-probe-interval"),
+        (["-upstream-probe-target", "origin.test"], "-upstream-probe-target"),  # needs a port
+        (["-upstream-probe-target", "origin.test:\u0664\u0664\u0663"], "-upstream-probe-target"),
+    ],
+)
+def test_bad_upstream_settings_name_the_flag(argv: list[str], flag: str) -> None:
+    with pytest.raises(cli.UsageError) as info:
+        cli.parse_args(argv)
+    assert info.value.flag == flag

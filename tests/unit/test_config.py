@@ -93,7 +93,7 @@ def test_default_config_matches_the_original() -> None:
     cfg = Config()
     assert cfg.local_port == 8443
     assert cfg.upstream_proxy == "localhost:3128"
-    assert cfg.upstream == ("localhost", 3128)
+    assert [(s.host, s.port) for s in cfg.upstreams] == [("localhost", 3128)]
     assert cfg.dial_timeout == 180.0
     assert cfg.sniff_timeout == -1.0
     assert cfg.sniff_max_bytes == 8192
@@ -192,6 +192,6 @@ def test_convert_refuses_values_of_the_wrong_type(name: str, value: object) -> N
 
 def test_build_takes_dashed_names_and_validates() -> None:
     cfg = config.build({"local-port": 8043, "upstream-proxy": "proxy.local:3128"})
-    assert (cfg.local_port, cfg.upstream) == (8043, ("proxy.local", 3128))
+    assert (cfg.local_port, cfg.upstreams[0].name) == (8043, "proxy.local:3128")
     with pytest.raises(ConfigError, match=r"^local-port: "):
         config.build({"local-port": 99999})

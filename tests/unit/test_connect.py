@@ -2,8 +2,8 @@
 
 The reply decides whether a client gets a tunnel or a reset, and the bytes after its header may
 be the origin's banner (SSH, SMTP, FTP), which the original forwarder lost. The last tests run
-the tunnel's CONNECT exchange against a scripted upstream on a socketpair, for the split reads,
-early closes and timeouts the parser alone cannot see.
+the upstream set's dial and CONNECT exchange against a scripted upstream on a loopback port, for
+the split reads, early closes and timeouts the parser alone cannot see.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from handyproxy import __version__, address, connect, tunnel
-from handyproxy.config import Config
+from handyproxy import __version__, address, connect
 from handyproxy.connect import MAX_REPLY_BYTES, ConnectError, ConnectReplyError, parse_reply
+from handyproxy.upstream import Upstream, UpstreamSet, UpstreamSpec
 
 AGENT = b"User-Agent: handyproxy/" + __version__.encode() + b"\r\n"
 
@@ -200,130 +200,141 @@ def test_connect_error_keeps_reason_and_status() -> None:
     assert ConnectError("timeout").status is None
 
 
-# The tunnel's CONNECT exchange, which feeds parse_reply from real reads. The upstream is one end
-# of an AF_UNIX socketpair, scripted: it reads the request and answers in the given pieces.
+# The CONNECT exchange, which feeds parse_reply from real reads. The upstream is a listening
+# socket on a loopback port, scripted: it reads the request and answers in the given pieces.
 
 
 def exchange(
-    monkeypatch: pytest.MonkeyPatch,
     pieces: list[bytes],
     *,
     close: bool = False,
     dial_timeout: float = 5.0,
 ) -> tuple[tuple[int | None, bytes] | ConnectError, bytes]:
-    """Run ``Tunnel.open_upstream`` against the script; return its outcome and the request."""
-    ours, theirs = socket.socketpair()
-    client, client_peer = socket.socketpair()
-    for sock in (ours, theirs, client):
-        sock.setblocking(False)
+    """Run ``UpstreamSet.open`` against the script; return its outcome and the request."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    spec = UpstreamSpec("127.0.0.1", listener.getsockname()[1])
+    upstreams = UpstreamSet([Upstream(spec)], dial_timeout=dial_timeout)
 
-    async def dial(self: tunnel.Tunnel, loop: asyncio.AbstractEventLoop) -> socket.socket:
-        self.upoll = tunnel.UpstreamPoll(loop, ours.fileno())
-        return ours
-
-    monkeypatch.setattr(tunnel.Tunnel, "dial", dial)
-    hub = tunnel.Hub(config=Config(dial_timeout=dial_timeout), listen_ports=set())
-    conn = tunnel.Tunnel(hub, client, ("198.51.100.2", 40000))
-
-    async def upstream() -> bytes:
+    async def upstream() -> tuple[bytes, socket.socket]:
         loop = asyncio.get_running_loop()
-        request = await loop.sock_recv(theirs, 4096)
+        conn, _ = await loop.sock_accept(listener)
+        request = await loop.sock_recv(conn, 4096)
         for piece in pieces:
-            await loop.sock_sendall(theirs, piece)
+            await loop.sock_sendall(conn, piece)
             await asyncio.sleep(0.005)
         if close:
-            theirs.shutdown(socket.SHUT_WR)
-        return request
+            conn.shutdown(socket.SHUT_WR)
+        return request, conn
 
     async def main() -> tuple[tuple[int | None, bytes] | ConnectError, bytes]:
-        hub.loop = asyncio.get_running_loop()
+        await upstreams.start(asyncio.get_running_loop())
         peer = asyncio.create_task(upstream())
         outcome: tuple[int | None, bytes] | ConnectError
         try:
-            sock, leftover = await conn.open_upstream("origin.example", 22)
-            conn.drop_upstream(sock)
-            outcome = (conn.status, leftover)
+            opened = await upstreams.open("origin.example", 22)
+            opened.poll.close()
+            opened.sock.close()
+            outcome = (opened.status, opened.leftover)
         except ConnectError as exc:
             outcome = exc
-        return outcome, await peer
+        request, conn = await peer
+        conn.close()
+        upstreams.close()
+        return outcome, request
 
     try:
         return asyncio.run(main())
     finally:
-        for sock in (ours, theirs, client, client_peer):
-            sock.close()
+        listener.close()
 
 
-def test_exchange_sends_the_request_and_keeps_the_banner_of_the_same_read(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_exchange_sends_the_request_and_keeps_the_banner_of_the_same_read() -> None:
     outcome, request = exchange(
-        monkeypatch, [b"HTTP/1.1 200 Connection established\r\n\r\nSSH-2.0-OpenSSH_9.2\r\n"]
+        [b"HTTP/1.1 200 Connection established\r\n\r\nSSH-2.0-OpenSSH_9.2\r\n"]
     )
     assert request == connect.build_request("origin.example", 22)
     assert outcome == (200, b"SSH-2.0-OpenSSH_9.2\r\n")
 
 
-def test_exchange_reassembles_a_reply_split_over_many_reads(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_exchange_reassembles_a_reply_split_over_many_reads() -> None:
     reply = b"HTTP/1.1 200 OK\r\nProxy-Agent: p\r\n\r\n"
     pieces = [reply[i : i + 3] for i in range(0, len(reply) - 3, 3)]
     pieces.append(reply[len(pieces) * 3 :] + b"220 smtp ready\r\n")
-    outcome, _ = exchange(monkeypatch, pieces)
+    outcome, _ = exchange(pieces)
     assert outcome == (200, b"220 smtp ready\r\n")
 
 
 @pytest.mark.parametrize("status", [200, 204, 299])
-def test_exchange_opens_the_tunnel_on_any_2xx(monkeypatch: pytest.MonkeyPatch, status: int) -> None:
-    outcome, _ = exchange(monkeypatch, [b"HTTP/1.0 %d Fine\n\n" % status])
+def test_exchange_opens_the_tunnel_on_any_2xx(status: int) -> None:
+    outcome, _ = exchange([b"HTTP/1.0 %d Fine\n\n" % status])
     assert outcome == (status, b"")
 
 
 @pytest.mark.parametrize("status", [407, 403, 502, 199, 300])
-def test_exchange_refuses_a_non_2xx_reply_with_its_status(
-    monkeypatch: pytest.MonkeyPatch, status: int
-) -> None:
-    outcome, _ = exchange(
-        monkeypatch, [b"HTTP/1.1 %d No\r\nContent-Length: 4\r\n\r\nbody" % status]
-    )
+def test_exchange_refuses_a_non_2xx_reply_with_its_status(status: int) -> None:
+    outcome, _ = exchange([b"HTTP/1.1 %d No\r\nContent-Length: 4\r\n\r\nbody" % status])
     assert isinstance(outcome, ConnectError)
     assert outcome.status == status
 
 
 @pytest.mark.parametrize("sent", [[], [b"HTTP/1.1 200 OK\r\n"], [b"HTTP/1.1 20"]])
-def test_exchange_fails_when_the_upstream_closes_before_the_reply_ends(
-    monkeypatch: pytest.MonkeyPatch, sent: list[bytes]
-) -> None:
-    outcome, _ = exchange(monkeypatch, sent, close=True)
+def test_exchange_fails_when_the_upstream_closes_before_the_reply_ends(sent: list[bytes]) -> None:
+    outcome, _ = exchange(sent, close=True)
     assert isinstance(outcome, ConnectError)
     assert outcome.status is None
     assert "closed" in outcome.reason
 
 
-def test_exchange_fails_on_garbage_without_waiting_for_the_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_exchange_fails_on_garbage_without_waiting_for_the_timeout() -> None:
     started = time.monotonic()
-    outcome, _ = exchange(monkeypatch, [b"SSH-2.0-OpenSSH\r\n"], dial_timeout=30.0)
+    outcome, _ = exchange([b"SSH-2.0-OpenSSH\r\n"], dial_timeout=30.0)
     assert isinstance(outcome, ConnectError)
     assert outcome.status is None
     assert time.monotonic() - started < 5
 
 
-def test_exchange_fails_on_an_oversized_header(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exchange_fails_on_an_oversized_header() -> None:
     outcome, _ = exchange(
-        monkeypatch, [b"HTTP/1.1 200 OK\r\n" + b"X-Pad: aaaaaaaa\r\n" * 2000], dial_timeout=30.0
+        [b"HTTP/1.1 200 OK\r\n" + b"X-Pad: aaaaaaaa\r\n" * 2000], dial_timeout=30.0
     )
     assert isinstance(outcome, ConnectError)
     assert str(MAX_REPLY_BYTES) in outcome.reason
 
 
-def test_exchange_times_out_when_the_upstream_never_answers(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_exchange_times_out_when_the_upstream_never_answers() -> None:
     started = time.monotonic()
-    outcome, _ = exchange(monkeypatch, [b"HTTP/1.1 200 OK\r\n"], dial_timeout=0.2)
+    outcome, _ = exchange([b"HTTP/1.1 200 OK\r\n"], dial_timeout=0.2)
     assert isinstance(outcome, ConnectError)
     assert "no answer" in outcome.reason
     assert 0.15 < time.monotonic() - started < 5
+
+
+def test_the_request_carries_proxy_authorization_when_given() -> None:
+    auth = connect.basic_authorization("alice", "pä:ss")
+    assert auth == b"Basic YWxpY2U6cMOkOnNz"  # RFC 7617: UTF-8, then base64
+    request = connect.build_request("origin.test", 443, auth)
+    assert request == (
+        b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n" + AGENT
+        + b"Proxy-Authorization: Basic YWxpY2U6cMOkOnNz\r\n\r\n"
+    )  # fmt: skip
+    assert b"Proxy-Authorization" not in connect.build_request("origin.test", 443)
+
+
+@pytest.mark.parametrize(
+    ("headers", "schemes"),
+    [
+        (b'Proxy-Authenticate: Basic realm="corp"\r\n', ["Basic"]),
+        (b"proxy-authenticate: NTLM\r\nProxy-Authenticate: Negotiate\r\n", ["NTLM", "Negotiate"]),
+        (b'Proxy-Authenticate: Basic realm="a,b", NTLM\r\n', ["Basic", "NTLM"]),
+        (b'Proxy-Authenticate: Digest realm="x", nonce="abc", qop="auth"\r\n', ["Digest"]),
+        (b"Proxy-Authenticate:Basic\r\nProxy-Authenticate: Basic\r\n", ["Basic"]),
+        (b"WWW-Authenticate: Basic\r\n", []),
+        (b"", []),
+    ],
+)
+def test_auth_schemes_names_only_the_schemes_a_407_asks_for(
+    headers: bytes, schemes: list[str]
+) -> None:
+    header = b"HTTP/1.1 407 Proxy Authentication Required\r\n" + headers + b"\r\n"
+    assert connect.auth_schemes(header) == schemes

@@ -203,3 +203,45 @@ def test_is_self_needs_no_local_address_off_the_listen_ports(
 def test_is_self_asks_for_the_local_address_on_a_listen_port() -> None:
     with pytest.raises(ValueError, match="local address"):
         is_self(("198.18.0.1", 8443), None, PORTS, UPSTREAMS)
+
+
+@pytest.mark.parametrize(
+    ("dst", "reason"),
+    [
+        (("203.0.113.3", 3128), "upstream-port"),  # another address of the proxy's host
+        (("2001:db8:3::9", 3128), "upstream-port"),
+        (("198.18.0.7", 8080), "upstream-port"),
+        (("203.0.113.2", 3128), "loop"),  # a known address is still named a loop
+        (("198.18.0.7", 3129), None),
+    ],
+)
+def test_is_self_refuses_every_address_on_an_upstream_port(
+    dst: tuple[str, int], reason: str | None
+) -> None:
+    assert is_self(dst, None, PORTS, UPSTREAMS, {3128, 8080}) == reason
+
+
+def test_upstream_ports_are_let_through_when_allowed() -> None:
+    """-allow-upstream-ports passes an empty set; the tunnel then checks the first bytes."""
+    assert is_self(("203.0.113.3", 3128), None, PORTS, UPSTREAMS, frozenset()) is None
+
+
+@pytest.mark.parametrize(
+    ("first", "nested"),
+    [
+        (b"CONNECT 198.18.0.2:22 HTTP/1.1\r\nHost: 198.18.0.2:22\r\n\r\n", True),
+        (b"CONNECT ", True),
+        (b"CONN", True),  # a client that stopped mid-method is not given the benefit of doubt
+        (b"GET http://198.18.0.2:8080/ HTTP/1.1\r\n\r\n", True),
+        (b"POST   https://x.example/ HTTP/1.1\r\n", True),
+        (b"GET ftp://x.example/ HTTP/1.0\r\n", True),
+        (b"GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n", False),
+        (b"OPTIONS * HTTP/1.1\r\n\r\n", False),
+        (b"\x16\x03\x01\x00\x05hello", False),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", False),
+        (b"", False),
+        (b"connect x:1 HTTP/1.1\r\n", False),  # methods are case-sensitive
+    ],
+)
+def test_is_proxy_request_spots_a_client_speaking_to_a_proxy(first: bytes, nested: bool) -> None:
+    assert origdst.is_proxy_request(first) is nested

@@ -162,7 +162,7 @@ def test_validate_accepts_only_usable_configs(cfg: config.Config) -> None:
         assert exc.reason
         return
     assert 0 <= cfg.local_port <= 65535
-    host, port = cfg.upstream
+    host, port = cfg.upstreams[0].host, cfg.upstreams[0].port
     assert host and 1 <= port <= 65535
     for name in (
         "dial_timeout",
