@@ -7,107 +7,61 @@ tunnels evenly; with every upstream down clients are reset at once and the log s
 from __future__ import annotations
 
 import itertools
-import json
 import re
-import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-from pathkit import HELPER_PYTHON, HERE, Client, Forwarder, ProcessLog
-from squidkit import SquidFarm
+from kit.client import Client
+from kit.forwarder import Forwarder
+from kit.origins import INDEX, ORIGIN_NAME
+from kit.ticker import Ticker
 
-from handyproxy.lab import netns as lablib
+from handyproxy.address import authority
+from handyproxy.lab.netns import CLIENT_V4, ORIGIN_V4, UPSTREAM_V4, Lab
 
 pytestmark = pytest.mark.integration
 
 PORT_A, PORT_B = 3140, 3141
-A = f"{lablib.UPSTREAM_V4}:{PORT_A}"
-B = f"{lablib.UPSTREAM_V4}:{PORT_B}"
-
-
-@pytest.fixture
-def squids(lab: lablib.Lab) -> Iterator[SquidFarm]:
-    farm = SquidFarm(lab)
-    yield farm
-    farm.close()
-
-
-@dataclass
-class Attempt:
-    i: int
-    t0: float
-    t1: float
-    port: int
-    error: str | None
-
-
-class Ticker:
-    """``tunnel_ticker.py`` in the client namespace: one tunnel every 20 ms until stopped."""
-
-    def __init__(self, lab: lablib.Lab) -> None:
-        argv = [*HELPER_PYTHON, str(HERE / "tunnel_ticker.py"), "--host", lablib.ORIGIN_V4]
-        self.lab = lab
-        self.proc = lab.popen("client", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        self.out = ProcessLog(self.proc.stdout)
-        self.out.wait_for(r'"ready"', 10)
-
-    def wait_attempts(self, count: int, after: float) -> None:
-        """Until ``count`` attempts that started after ``after`` have ended."""
-        deadline = time.monotonic() + 30
-        while len([a for a in self.attempts() if a.t0 > after]) < count:
-            assert time.monotonic() < deadline, self.out.text()[-2000:]
-            self.out.wait_for(r'"i"', 30, count=len(self.out.matching(r'"i"')) + 1)
-
-    def stop(self) -> list[Attempt]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.out.wait_for(r'"done"', 30)
-        self.lab.stop(self.proc)
-        return self.attempts()
-
-    def attempts(self) -> list[Attempt]:
-        return [Attempt(**json.loads(line)) for line in self.out.matching(r'"i"')]
+A = authority(UPSTREAM_V4, PORT_A)
+B = authority(UPSTREAM_V4, PORT_B)
 
 
 def upstream_of(forwarder: Forwarder) -> dict[int, str]:
     """Client port -> upstream, from the access records of tunnels that completed."""
     found = {}
-    for line in forwarder.log.matching(r"tunnel end .*end=eof"):
-        port = re.search(r"client=198\.51\.100\.2:(\d+)", line)
-        upstream = re.search(r"upstream=(\S+)", line)
-        if port and upstream:
-            found[int(port.group(1))] = upstream.group(1)
+    for record in forwarder.records():
+        host, _, port = record.get("client", "").rpartition(":")
+        if record.get("end") == "eof" and host == CLIENT_V4 and "upstream" in record:
+            found[int(port)] = record["upstream"]
     return found
 
 
 def test_killing_the_first_upstream_mid_run_costs_at_most_the_tunnels_in_flight(
-    lab: lablib.Lab, squids: SquidFarm, start_origin, start_handyproxy
+    lab: Lab, start_origin, start_upstream, start_handyproxy
 ):
     start_origin("http")
-    squid_a, squid_b = squids.start(PORT_A), squids.start(PORT_B)
+    squid_a = start_upstream("squid", port=PORT_A)
+    squid_b = start_upstream("squid", port=PORT_B)
     forwarder = start_handyproxy(
         upstream_proxy=f"{A},{B}", upstream_probe_interval="1s", dial_timeout="10s"
     )
-    ticker = Ticker(lab)
-    started = time.time()
-    ticker.wait_attempts(25, after=started)
+    with Ticker(lab, ORIGIN_V4, name=ORIGIN_NAME, expect=INDEX) as ticker:
+        started = time.time()
+        ticker.wait_attempts(25, after=started)
 
-    killed = time.time()
-    squid_a.kill()
-    forwarder.log.wait_for(rf"upstream down .*upstream={re.escape(A)} ", 10)
-    marked_down = time.time()
-    ticker.wait_attempts(50, after=marked_down)
+        killed = time.time()
+        squid_a.kill()
+        forwarder.log.wait_for(rf"upstream down .*upstream={re.escape(A)} ", 10)
+        marked_down = time.time()
+        ticker.wait_attempts(50, after=marked_down)
 
-    squid_a.start()
-    forwarder.log.wait_for(
-        rf"upstream up .*upstream={re.escape(A)} .*reason=\"probe connected\"", 15
-    )
-    back_up = time.time()
-    ticker.wait_attempts(50, after=back_up)
-    attempts = ticker.stop()
+        squid_a.start_again(lab)
+        forwarder.log.wait_for(
+            rf"upstream up .*upstream={re.escape(A)} .*reason=\"probe connected\"", 15
+        )
+        back_up = time.time()
+        ticker.wait_attempts(50, after=back_up)
+        attempts = ticker.stop()
     completed = len([a for a in attempts if not a.error])
     forwarder.log.wait_for(r"tunnel end .*end=eof", 10, count=completed)  # the last records
 
@@ -124,33 +78,34 @@ def test_killing_the_first_upstream_mid_run_costs_at_most_the_tunnels_in_flight(
     assert len(down) >= 40 and set(down) == {B}, "traffic did not move to the second upstream"
     assert len(after) >= 20 and set(after) == {A}, "traffic did not return to the first"
     # each proxy's own log agrees
-    assert len(squid_b.connects(f"{lablib.ORIGIN_V4}:80 ")) >= len(down)
+    assert len(squid_b.connects(f"{ORIGIN_V4}:80 ")) >= len(down)
     assert len(forwarder.log.matching(r"upstream down")) == 1
     assert len(forwarder.log.matching(r"upstream up")) == 1
 
 
 def test_round_robin_spreads_tunnels_evenly(
-    client: Client, squids: SquidFarm, start_origin, start_handyproxy
+    client: Client, start_origin, start_upstream, start_handyproxy
 ):
     start_origin("http")
-    squid_a, squid_b = squids.start(PORT_A), squids.start(PORT_B)
+    squid_a = start_upstream("squid", port=PORT_A)
+    squid_b = start_upstream("squid", port=PORT_B)
     forwarder = start_handyproxy(upstream_proxy=f"{A},{B}", upstream_policy="round-robin")
     for _ in range(20):
-        result, _ = client.curl(f"http://{lablib.ORIGIN_V4}/index.html", 4)
+        result, _ = client.curl(f"http://{ORIGIN_V4}/index.html", 4)
         assert result.returncode == 0, result.stderr
     forwarder.log.wait_for(r"tunnel end ", 10, count=20)
-    served = [re.search(r"upstream=(\S+)", line).group(1)  # type: ignore[union-attr]
-              for line in forwarder.log.matching(r"tunnel end ")]  # fmt: skip
+    served = [record["upstream"] for record in forwarder.records()]
     assert (served.count(A), served.count(B)) == (10, 10)
     assert all(x != y for x, y in itertools.pairwise(served)), "not taking turns"
-    squid_a.log.wait_for(r" CONNECT ", 10, count=10)  # type: ignore[union-attr]
-    squid_b.log.wait_for(r" CONNECT ", 10, count=10)  # type: ignore[union-attr]
+    squid_a.log.wait_for(r" CONNECT ", 10, count=10)
+    squid_b.log.wait_for(r" CONNECT ", 10, count=10)
 
 
 def test_with_every_upstream_down_clients_are_reset_at_once_and_logged_once(
-    client: Client, squids: SquidFarm, start_handyproxy
+    client: Client, start_upstream, start_handyproxy
 ):
-    squid_a, squid_b = squids.start(PORT_A), squids.start(PORT_B)
+    squid_a = start_upstream("squid", port=PORT_A)
+    squid_b = start_upstream("squid", port=PORT_B)
     forwarder = start_handyproxy(
         upstream_proxy=f"{A},{B}", upstream_probe_interval="30s", dial_timeout="10s"
     )

@@ -21,6 +21,8 @@ ORIGIN = [PYTHON, "-m", "handyproxy.lab.origin"]
 #: The name the client and the upstream resolve to the origin (their hosts files).
 ORIGIN_NAME = "origin.test"
 ORIGIN_PORTS = {"http": 80, "https": 443, "banner": 25, "echo": 7}
+#: What the HTTP(S) origins serve as ``/index.html``.
+INDEX = "origin index\n"
 BODY_SIZE = 3 * 1024 * 1024 + 12345  # not a multiple of any buffer size
 #: The address the origin sees connections from (the upstream's side of their link).
 SEEN_BY_ORIGIN = {4: UPSTREAM_ORIGIN_V4, 6: UPSTREAM_ORIGIN_V6}
@@ -42,7 +44,7 @@ def make_body(root: Path) -> Body:
     data = os.urandom(BODY_SIZE)
     path = root / "body.bin"
     path.write_bytes(data)
-    (root / "index.html").write_text("origin index\n")
+    (root / "index.html").write_text(INDEX)
     return Body(root=root, path=path, sha256=hashlib.sha256(data).hexdigest())
 
 
@@ -79,18 +81,22 @@ def launch(
     tls_cert: tuple[Path, Path] | None = None,
     *,
     quiet: bool = False,
+    ns: str = "origin",
+    port: int | None = None,
 ) -> Origin:
     """Start the origin of ``kind`` on its port, serving ``root``; returns once it listens.
 
-    ``https`` needs ``tls_cert``; ``quiet`` keeps it from logging every request.
+    ``https`` needs ``tls_cert``; ``quiet`` keeps it from logging every request. ``ns`` and
+    ``port`` put one elsewhere: a server the router reaches without any proxy (a ``direct``
+    rule's destination) runs in the upstream namespace, on a port of its own.
     """
-    port = ORIGIN_PORTS[kind]
+    port = ORIGIN_PORTS[kind] if port is None else port
     argv = [*ORIGIN, kind, "--port", str(port), "--root", str(root)]
     if kind == "https":
         assert tls_cert is not None, "https needs a certificate"
         argv += ["--cert", str(tls_cert[0]), "--key", str(tls_cert[1])]
     argv += ["--quiet"] if quiet else []
-    proc, log = lab.spawn("origin", argv, name=f"{kind} origin")
+    proc, log = lab.spawn(ns, argv, name=f"{kind} origin")
     try:
         log.wait_for(rf"listening on \S+:{port}$", START_TIMEOUT)
     except TimeoutError:
