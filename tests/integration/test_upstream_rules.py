@@ -5,15 +5,17 @@ rejected, and everything else takes the default upstream.
 
 from __future__ import annotations
 
-import subprocess
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pathkit import HELPER_PYTHON, HERE, ORIGIN_NAME, START_TIMEOUT, Body, Client, ProcessLog
-from squidkit import SquidFarm
+from kit import origins
+from kit.client import Client
+from kit.origins import INDEX, ORIGIN_NAME, Body, Origin
+from kit.records import fields
 
-from handyproxy.lab import netns as lablib
+from handyproxy.lab.netns import ORIGIN_V4, ROUTER_UPSTREAM_V4, UPSTREAM_V4, Lab
 
 pytestmark = pytest.mark.integration
 
@@ -22,27 +24,11 @@ DIRECT_PORT = 8080  # an HTTP server on the upstream host, which the router reac
 
 
 @pytest.fixture
-def squids(lab: lablib.Lab) -> Iterator[SquidFarm]:
-    farm = SquidFarm(lab)
-    yield farm
-    farm.close()
-
-
-@pytest.fixture
-def direct_server(lab: lablib.Lab, body: Body) -> Iterator[ProcessLog]:
-    argv = [*HELPER_PYTHON, str(HERE / "origin_server.py"), "http", "--port", str(DIRECT_PORT),
-            "--root", str(body.root)]  # fmt: skip
-    proc = lab.popen("upstream", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                     stdin=subprocess.DEVNULL, text=True)  # fmt: skip
-    log = ProcessLog(proc.stdout)
-    log.wait_for(rf"^ready {DIRECT_PORT}$", START_TIMEOUT)
-    yield log
-    lab.stop(proc)
-
-
-def fields(record: str) -> dict[str, str]:
-    """An access record's ``key=value`` fields."""
-    return dict(part.split("=", 1) for part in record.split() if "=" in part)
+def direct_server(lab: Lab, body: Body) -> Iterator[Origin]:
+    server = origins.launch(lab, "http", body.root, ns="upstream", port=DIRECT_PORT)
+    yield server
+    lab.stop(server.proc)
+    print(f"--- direct server log:\n{server.log.text()}")
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -52,14 +38,14 @@ def write_config(tmp_path: Path) -> Path:
 sniff-timeout = "1s"
 
 [[upstream-proxy]]
-address = "{lablib.UPSTREAM_V4}:{PORT_A}"
+address = "{UPSTREAM_V4}:{PORT_A}"
 
 [[upstream-proxy]]
-address = "{lablib.UPSTREAM_V4}:{PORT_B}"
+address = "{UPSTREAM_V4}:{PORT_B}"
 group = "second"
 
 [[rule]]
-dst = "{lablib.UPSTREAM_V4}/32"
+dst = "{UPSTREAM_V4}/32"
 port = {DIRECT_PORT}
 action = "direct"
 
@@ -77,24 +63,24 @@ action = "reject"
     return path
 
 
-@pytest.mark.parametrize("relay", ["splice", "copy"])
 def test_rules_send_one_destination_direct_and_another_to_the_second_upstream(
-    relay: str, tmp_path: Path, client: Client, squids: SquidFarm, direct_server: ProcessLog,
-    start_origin, start_handyproxy,
+    relay: str, tmp_path: Path, client: Client, direct_server: Origin, start_origin,
+    start_upstream, start_handyproxy,
 ):  # fmt: skip
     start_origin("http")
     start_origin("https")
-    squid_a, squid_b = squids.start(PORT_A), squids.start(PORT_B)
+    squid_a = start_upstream("squid", port=PORT_A)
+    squid_b = start_upstream("squid", port=PORT_B)
     forwarder = start_handyproxy(config=write_config(tmp_path), upstream_proxy=None, relay=relay)
     a, b = squid_a.address, squid_b.address
 
     # rule 1: straight to the destination, no proxy involved
-    result, out = client.curl(f"http://{lablib.UPSTREAM_V4}:{DIRECT_PORT}/index.html", 4)
+    result, out = client.curl(f"http://{UPSTREAM_V4}:{DIRECT_PORT}/index.html", 4)
     assert result.returncode == 0, result.stderr
-    assert out.read_text() == "origin index\n"
-    record = fields(forwarder.access(f"dst={lablib.UPSTREAM_V4}:{DIRECT_PORT} "))
+    assert out.read_text() == INDEX
+    record = fields(forwarder.access(f"dst={UPSTREAM_V4}:{DIRECT_PORT} "))
     assert (record["upstream"], record["rule"], record["status"]) == ("direct", "1", "-")
-    direct_server.wait_for(rf"origin (::ffff:)?{lablib.ROUTER_UPSTREAM_V4} .*GET /index.html")
+    direct_server.log.wait_for(rf"origin {re.escape(ROUTER_UPSTREAM_V4)} .*GET /index.html")
 
     # rule 2: the sniffed name on port 80 goes to the second group
     result, _ = client.curl(f"http://{ORIGIN_NAME}/index.html", 4)
@@ -106,9 +92,9 @@ def test_rules_send_one_destination_direct_and_another_to_the_second_upstream(
     result, _ = client.curl(f"https://{ORIGIN_NAME}/index.html", 4)
     assert result.returncode == 0, result.stderr
     assert f"upstream={a} " in forwarder.access(f"target={ORIGIN_NAME}:443 ")
-    result, _ = client.curl(f"http://{lablib.ORIGIN_V4}/index.html", 4)
+    result, _ = client.curl(f"http://{ORIGIN_V4}/index.html", 4)
     assert result.returncode == 0, result.stderr
-    record = fields(forwarder.access(f"target={lablib.ORIGIN_V4}:80 "))
+    record = fields(forwarder.access(f"target={ORIGIN_V4}:80 "))
     assert record["upstream"] == a and "rule" not in record
 
     # rule 3: reset, the proxies never hear of it
@@ -117,11 +103,11 @@ def test_rules_send_one_destination_direct_and_another_to_the_second_upstream(
     assert (record["reason"], record["rule"]) == ("rule", "3")
 
     # what each proxy saw, from its own access log
-    squid_a.log.wait_for(rf" CONNECT {lablib.ORIGIN_V4}:80 ", 10)  # type: ignore[union-attr]
-    squid_a.log.wait_for(rf" CONNECT {ORIGIN_NAME}:443 ", 10)  # type: ignore[union-attr]
-    squid_b.log.wait_for(rf" CONNECT {ORIGIN_NAME}:80 ", 10)  # type: ignore[union-attr]
+    squid_a.log.wait_for(rf" CONNECT {ORIGIN_V4}:80 ", 10)
+    squid_a.log.wait_for(rf" CONNECT {ORIGIN_NAME}:443 ", 10)
+    squid_b.log.wait_for(rf" CONNECT {ORIGIN_NAME}:80 ", 10)
     assert len(squid_a.connects()) == 2
     assert len(squid_b.connects()) == 1
     for squid in (squid_a, squid_b):
-        assert not squid.connects(f"{lablib.UPSTREAM_V4}:{DIRECT_PORT}")
-        assert not squid.connects(f"{lablib.ORIGIN_V4}:25")
+        assert not squid.connects(f"{UPSTREAM_V4}:{DIRECT_PORT}")
+        assert not squid.connects(f"{ORIGIN_V4}:25")
