@@ -7,27 +7,19 @@ LoadCredential= delivers it: a name under $CREDENTIALS_DIRECTORY.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pathkit import Client
-from squidkit import SquidFarm
+from kit.client import Client
+from kit.origins import INDEX
 
-from handyproxy.lab import netns as lablib
+from handyproxy.lab.netns import ORIGIN_V4
 
 pytestmark = pytest.mark.integration
 
 PORT = 3150
 USER, PASSWORD = "alice", "Right-Pa55:word"
 WRONG = "Wrong-Pa55:word"
-
-
-@pytest.fixture
-def squids(lab: lablib.Lab) -> Iterator[SquidFarm]:
-    farm = SquidFarm(lab)
-    yield farm
-    farm.close()
 
 
 def secret_file(tmp_path: Path, password: str, name: str = "upstream") -> Path:
@@ -44,25 +36,25 @@ def assert_no_secret(text: str, password: str) -> None:
 
 
 def test_the_right_password_opens_the_tunnel(
-    tmp_path: Path, client: Client, squids: SquidFarm, start_origin, start_handyproxy
+    tmp_path: Path, client: Client, start_origin, start_upstream, start_handyproxy
 ):
     start_origin("http")
-    squid = squids.start(PORT, users={USER: PASSWORD})
+    squid = start_upstream("squid", port=PORT, users={USER: PASSWORD})
     forwarder = start_handyproxy(
         upstream_proxy=squid.address, upstream_credentials_file=secret_file(tmp_path, PASSWORD)
     )
-    result, out = client.curl(f"http://{lablib.ORIGIN_V4}/index.html", 4)
+    result, out = client.curl(f"http://{ORIGIN_V4}/index.html", 4)
     assert result.returncode == 0, result.stderr
-    assert out.read_text() == "origin index\n"
+    assert out.read_text() == INDEX
     assert "status=200 " in forwarder.access(f"upstream={squid.address} ")
-    squid.log.wait_for(rf" CONNECT {lablib.ORIGIN_V4}:80 {USER} ", 10)  # type: ignore[union-attr]
+    squid.log.wait_for(rf" CONNECT {ORIGIN_V4}:80 {USER} ", 10)
     assert_no_secret(forwarder.log.text(), PASSWORD)
 
 
 def test_without_credentials_squid_asks_and_the_log_says_for_which_scheme(
-    client: Client, squids: SquidFarm, start_handyproxy
+    client: Client, start_upstream, start_handyproxy
 ):
-    squid = squids.start(PORT, users={USER: PASSWORD})
+    squid = start_upstream("squid", port=PORT, users={USER: PASSWORD})
     forwarder = start_handyproxy(upstream_proxy=squid.address)
     client.expect_reset(4, 80, b"GET / HTTP/1.1\r\n\r\n")
     record = forwarder.access("status=407 ")
@@ -72,9 +64,9 @@ def test_without_credentials_squid_asks_and_the_log_says_for_which_scheme(
 
 
 def test_a_wrong_password_resets_the_client_and_stays_out_of_the_log(
-    tmp_path: Path, client: Client, squids: SquidFarm, start_handyproxy
+    tmp_path: Path, client: Client, start_upstream, start_handyproxy
 ):
-    squid = squids.start(PORT, users={USER: PASSWORD})
+    squid = start_upstream("squid", port=PORT, users={USER: PASSWORD})
     forwarder = start_handyproxy(
         upstream_proxy=squid.address, upstream_credentials_file=secret_file(tmp_path, WRONG),
         log_level="debug",
@@ -86,24 +78,25 @@ def test_a_wrong_password_resets_the_client_and_stays_out_of_the_log(
     assert 'reason="upstream wants proxy authentication (scheme Basic); credentials refused"' in (
         record
     )
-    squid.log.wait_for(r"TCP_DENIED/407 ", 10)  # type: ignore[union-attr]
+    squid.log.wait_for(r"TCP_DENIED/407 ", 10)
     assert_no_secret(forwarder.log.text(), WRONG)
     assert forwarder.proc.poll() is None  # a refusal ends one connection, never the process
 
 
 def test_a_credential_name_is_found_under_credentials_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: Client, squids: SquidFarm,
-    start_origin, start_handyproxy,
-):  # fmt: skip
+    tmp_path: Path, client: Client, start_origin, start_upstream, start_handyproxy
+):
     """What systemd's LoadCredential=upstream:/etc/handyproxy/secret hands the service."""
     start_origin("http")
-    squid = squids.start(PORT, users={USER: PASSWORD})
+    squid = start_upstream("squid", port=PORT, users={USER: PASSWORD})
     creds = tmp_path / "credentials"
     creds.mkdir()
     secret_file(creds, PASSWORD, name="upstream")
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    forwarder = start_handyproxy(upstream_proxy=squid.address, upstream_credentials_file="upstream")
-    result, _ = client.curl(f"http://{lablib.ORIGIN_V4}/index.html", 4)
+    forwarder = start_handyproxy(
+        upstream_proxy=squid.address, upstream_credentials_file="upstream",
+        env={"CREDENTIALS_DIRECTORY": str(creds)},
+    )  # fmt: skip
+    result, _ = client.curl(f"http://{ORIGIN_V4}/index.html", 4)
     assert result.returncode == 0, result.stderr
     assert "status=200 " in forwarder.access(f"upstream={squid.address} ")
     assert str(creds) not in " ".join(forwarder.argv)  # the command line names no path
