@@ -6,12 +6,14 @@ and TLS SNI).
 
 from __future__ import annotations
 
-import ssl
-
 import pytest
-from pathkit import Client, Forwarder, Upstream, recv_until
+from kit.client import Client
+from kit.forwarder import Forwarder
+from kit.origins import INDEX, ORIGIN_NAME
+from kit.upstreams import Upstream
+from kit.wire import recv_until, tls_client_hello
 
-from handyproxy.lab import netns as lablib
+from handyproxy.lab.netns import ORIGIN_V4
 
 pytestmark = pytest.mark.integration
 
@@ -23,19 +25,8 @@ def sniffing(start_origin, start_upstream, start_handyproxy) -> tuple[Forwarder,
     """Both origins, the built-in proxy (it logs each CONNECT target), sniffing on."""
     start_origin("http")
     start_origin("https")
-    return start_handyproxy(sniff_timeout="2s"), start_upstream("builtin")
-
-
-def client_hello(name: str) -> bytes:
-    """The ClientHello Python's own TLS client sends for ``name``."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
+    upstream = start_upstream("builtin")
+    return start_handyproxy(sniff_timeout="2s"), upstream
 
 
 @pytest.mark.parametrize("name", NUMERIC_NAMES)
@@ -45,10 +36,10 @@ def test_a_numeric_host_header_falls_back_to_the_original_ip(
     forwarder, upstream = sniffing
     with client.connect(4, 80) as sock:
         sock.sendall(f"GET /index.html HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
-        assert b"origin index\n" in recv_until(sock, b"origin index\n")
-    record = forwarder.access(f"dst={lablib.ORIGIN_V4}:80 ")
-    assert f"target={lablib.ORIGIN_V4}:80 " in record
-    upstream.log.wait_for(rf"CONNECT {lablib.ORIGIN_V4}:80 ")
+        assert INDEX.encode() in recv_until(sock, INDEX.encode())
+    record = forwarder.access(f"dst={ORIGIN_V4}:80 ")
+    assert f"target={ORIGIN_V4}:80 " in record
+    upstream.log.wait_for(rf"CONNECT {ORIGIN_V4}:80 ")
     assert not upstream.log.matching(rf"CONNECT {name}")
 
 
@@ -57,10 +48,10 @@ def test_a_real_name_is_still_used_so_the_regression_test_can_fail(
 ):
     forwarder, upstream = sniffing
     with client.connect(4, 80) as sock:
-        sock.sendall(b"GET /index.html HTTP/1.1\r\nHost: origin.test\r\n\r\n")
-        assert b"origin index\n" in recv_until(sock, b"origin index\n")
-    assert "target=origin.test:80 " in forwarder.access(f"dst={lablib.ORIGIN_V4}:80 ")
-    upstream.log.wait_for(r"CONNECT origin.test:80 ")
+        sock.sendall(f"GET /index.html HTTP/1.1\r\nHost: {ORIGIN_NAME}\r\n\r\n".encode())
+        assert INDEX.encode() in recv_until(sock, INDEX.encode())
+    assert f"target={ORIGIN_NAME}:80 " in forwarder.access(f"dst={ORIGIN_V4}:80 ")
+    upstream.log.wait_for(rf"CONNECT {ORIGIN_NAME}:80 ")
 
 
 @pytest.mark.parametrize("name", NUMERIC_NAMES)
@@ -68,12 +59,12 @@ def test_a_numeric_sni_falls_back_to_the_original_ip(
     name: str, client: Client, sniffing: tuple[Forwarder, Upstream]
 ):
     forwarder, upstream = sniffing
-    hello = client_hello(name)
+    hello = tls_client_hello(name)
     assert name.encode() in hello  # the SNI really carries the numeric form
     with client.connect(4, 443) as sock:
         sock.sendall(hello)
         sock.settimeout(5)
         assert sock.recv(5)[:1] == b"\x16"  # the origin's ServerHello came through the tunnel
-    record = forwarder.access(f"dst={lablib.ORIGIN_V4}:443 ")
-    assert f"target={lablib.ORIGIN_V4}:443 " in record
-    upstream.log.wait_for(rf"CONNECT {lablib.ORIGIN_V4}:443 ")
+    record = forwarder.access(f"dst={ORIGIN_V4}:443 ")
+    assert f"target={ORIGIN_V4}:443 " in record
+    upstream.log.wait_for(rf"CONNECT {ORIGIN_V4}:443 ")
