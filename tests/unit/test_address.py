@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import pytest
-from test_sniff_tls import real_client_hello as client_hello
+from kit.wire import tls_client_hello
 
 from handyproxy.address import is_numeric_host, split_hostport, valid_hostname
 from handyproxy.sniff import http as sniff_http
@@ -48,9 +48,9 @@ def test_names_that_merely_look_numeric_stay_names(name: str) -> None:
 def test_the_sniffers_fall_back_to_the_ip_for_numeric_names(name: str) -> None:
     request = f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
     assert sniff_http.host_name(request.replace(name.encode(), b"origin.test")) == "origin.test"
-    assert sniff_tls.server_name(client_hello("origin.test")) == "origin.test"
+    assert sniff_tls.server_name(tls_client_hello("origin.test")) == "origin.test"
     assert sniff_http.host_name(request) is None
-    assert sniff_tls.server_name(client_hello(name)) is None
+    assert sniff_tls.server_name(tls_client_hello(name)) is None
 
 
 @pytest.mark.parametrize(
