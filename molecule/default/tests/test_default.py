@@ -165,7 +165,11 @@ def test_forwarder_logs_one_access_record_per_tunnel(host):
         "origin.test:443",
         f"[{LAB['origin6']}]:443",
     }
-    wanted = f"dst={LAB['origin4']}:80 target={LAB['origin4']}:80 status=200"
+    # The record names the upstream that carried the tunnel (the web instance has one: alpha).
+    wanted = (
+        f"dst={LAB['origin4']}:80 target={LAB['origin4']}:80 "
+        f"upstream={LAB['proxy_front4']}:3128 status=200"
+    )
 
     def web_logged() -> bool:
         return wanted in host.check_output("journalctl --no-pager -o cat -u handyproxy@web.service")

@@ -104,9 +104,11 @@ def test_proxy_log_shows_the_client_tunnels(host, proxy):
 
 
 def test_forwarder_logged_the_client_and_its_original_destination(host):
+    upstream = f"{LAB['proxy_mid4']}:3128"
     wanted = [
-        f"dst={LAB['origin4']}:443 target={LAB['origin4']}:443 status=200",
-        f"dst=[{LAB['origin6']}]:80 target=[{LAB['origin6']}]:80 status=200",
+        # Each record names the upstream that carried the tunnel.
+        f"dst={LAB['origin4']}:443 target={LAB['origin4']}:443 upstream={upstream} status=200",
+        f"dst=[{LAB['origin6']}]:80 target=[{LAB['origin6']}]:80 upstream={upstream} status=200",
         f"client={LAB['client4']}:",
         f"client=[{LAB['client6']}]:",
     ]
