@@ -66,7 +66,6 @@ class Tunnel:
         "status",
         "target",
         "task",
-        "upoll",
         "upstream",
         "via",
     )
@@ -84,7 +83,6 @@ class Tunnel:
         self.started = time.monotonic()
         self.relay: RelayBase | None = None
         self.task: asyncio.Task[None] | None = None
-        self.upoll: UpstreamPoll | None = None
         self.upstream: Upstream | None = None
 
     @property
@@ -167,31 +165,22 @@ class Tunnel:
             self.upstream = up = opened.upstream
             self.via = up.name if up is not None else "-"
             self.status = opened.status
-        self.upoll = opened.poll
-        await self.start_relay(opened.sock, first, opened.leftover)
+        await self.start_relay(opened.sock, opened.poll, first, opened.leftover)
 
     def take(self, decided: object) -> Rule:
         """Note which rule decided (for the access record) and return it."""
         self.rule, rule = decided  # type: ignore[misc]
         return rule
 
-    def drop_upstream(self, sock: socket.socket | None) -> None:
-        """Unregister, then close (in that order: libuv must never poll a closed descriptor)."""
-        if self.upoll is not None:
-            self.upoll.close()
-            self.upoll = None
-        if sock is not None:
-            sock.close()
-
-    async def start_relay(self, upstream: socket.socket, first: bytes, leftover: bytes) -> None:
+    async def start_relay(
+        self, upstream: socket.socket, poll: UpstreamPoll | None, first: bytes, leftover: bytes
+    ) -> None:
         """Deliver the bytes already read on each side, then hand both sockets to the relay."""
         loop = self.hub.loop
-        relay_cls = self.hub.relay_cls
-        if first or leftover or not relay_cls.adopts_reader:
-            # A transport must find the socket unregistered, and while we wait to write
-            # below, a parked reader would fire on every loop turn.
-            self.drop_upstream(None)
         if first or leftover:
+            if poll is not None:
+                poll.hand_over(None)  # no parked reader while we wait to write
+                poll = None
             try:
                 if first:
                     await loop.sock_sendall(upstream, first)
@@ -201,11 +190,9 @@ class Tunnel:
                 reset_socket(upstream)
                 upstream.close()
                 raise
-        relay = relay_cls(self.finished, loop.time())
+        relay = self.hub.relay_cls(self.finished, loop.time())
         self.relay = relay
-        # The relay's reader replaces the parked one on the same registration.
-        await relay.start(loop, self.sock, upstream)
-        self.upoll = None
+        await relay.start(loop, self.sock, upstream, poll)
         relay.seed(len(first), len(leftover))
 
     def refuse(self, reason: str) -> None:
