@@ -824,6 +824,46 @@ def summary(out: dict) -> str:
     )
 
 
+def problems(result: dict) -> list[str]:
+    """Every row the run should have measured and did not, or measured with errors.
+
+    ``--check`` (the test command's smoke run) fails on these: it proves the benchmark still
+    runs end to end, and asserts nothing about speed.
+    """
+    out: list[str] = []
+    rows = {
+        "direct": (result.get("baseline", {}).get("direct", {}), ("bulk", "connect", "latency")),
+        "upstream only": (result.get("baseline", {}).get("upstream_only", {}), ("latency",)),
+    }
+    for name, res in result.get("tools", {}).items():
+        rows[name] = (res, ("bulk", "connect", "latency", "memory"))
+    for name, (res, figures) in rows.items():
+        if res.get("error"):
+            out.append(f"{name}: {res['error']}")
+            continue
+        for fig in figures:
+            got = res.get(fig)
+            if not got or got.get("error"):
+                out.append(f"{name}: {fig} not measured ({(got or {}).get('error', 'missing')})")
+            elif fig == "bulk":
+                out += [f"{name}: bulk {k} moved nothing" for k in ("up", "down")
+                        if not got[k].get("bytes") or got[k].get("error")]  # fmt: skip
+            elif fig == "connect":
+                errors = sum(r["errors"] for r in got["runs"])
+                if errors or not got["best_rps"]:
+                    out.append(f"{name}: connect had {errors} errors, best {got['best_rps']}/s")
+            elif fig == "latency":
+                if got.get("lost") or got.get("p99_us") is None:
+                    out.append(f"{name}: latency lost {got.get('lost')} round trips")
+            elif fig == "memory" and (got.get("errors") or not got.get("established")):
+                out.append(f"{name}: memory had {got.get('errors')} errors")
+    if "concurrency" in result:
+        conc = result["concurrency"]
+        if conc.get("error") or conc.get("errors") or not conc.get("established"):
+            out.append(f"concurrency: {conc.get('error') or conc.get('errors')} errors")
+    return out
+
+
 def machine() -> dict:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -927,6 +967,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrent-n", type=int, help="tunnels for the concurrency check (0: skip)")
     p.add_argument("--concurrent-workers", type=int, default=4)
     p.add_argument("--out", type=Path, help="markdown path (JSON goes next to it)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless every row was measured with zero errors (never a timing check)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.iperf_seconds, args.connect_seconds, args.latency_seconds = 3, 3, 3
@@ -1014,6 +1059,12 @@ def main(argv: list[str] | None = None) -> int:
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     out_md.write_text(report.render(result))
     log(f"wrote {out_md} and {out_json} in {result['seconds']} s")
+    if args.check:
+        if bad := problems(result):
+            for line in bad:
+                log(f"check: {line}")
+            return 1
+        log("check: every row measured, zero errors")
     return 0
 
 
