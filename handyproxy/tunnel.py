@@ -23,6 +23,7 @@ from handyproxy.connect import ConnectError
 from handyproxy.log import access, logger
 from handyproxy.relay.base import RelayBase
 from handyproxy.rules import UNDECIDED, Rule, RuleSet
+from handyproxy.sniff import Sniffer
 from handyproxy.sniff import http as sniff_http
 from handyproxy.sniff import tls as sniff_tls
 from handyproxy.sockets import reset_socket
@@ -245,26 +246,78 @@ class Tunnel:
 async def sniff(sock: socket.socket, timeout: float, max_bytes: int) -> tuple[bytes, str | None]:
     """Read the client's first bytes until a name is found, they cannot hold one, or time is up.
 
-    Every byte read is returned so the caller can replay it into the tunnel in order.
+    Every byte read is returned so the caller can replay it into the tunnel in order. One
+    reader registration and one timer serve the whole wait, however many segments arrive, and
+    the sniffer parses each byte once (``handyproxy.sniff.Sniffer``).
     """
-    loop = asyncio.get_running_loop()
-    buf = b""
-    deadline = loop.time() + timeout
-    while len(buf) < max_bytes:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
+    return await _Sniff(asyncio.get_running_loop(), sock, max_bytes).run(timeout)
+
+
+class _Sniff:
+    """The state of one sniff: the bytes so far, the parser they chose, and the wait's end."""
+
+    __slots__ = ("buf", "fd", "fut", "loop", "max_bytes", "name", "sniffer", "sock")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, max_bytes: int
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.max_bytes = max_bytes
+        self.buf = bytearray()
+        self.sniffer: Sniffer | None = None
+        self.name: str | None = None
+        self.fut: asyncio.Future[None] | None = None
+
+    async def run(self, timeout: float) -> tuple[bytes, str | None]:
+        if timeout > 0 and not self.read():
+            loop = self.loop
+            self.fut = fut = loop.create_future()
+            loop.add_reader(self.fd, self.on_readable)
+            timer = loop.call_later(timeout, self.done)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                loop.remove_reader(self.fd)
+        return bytes(self.buf), self.name
+
+    def on_readable(self) -> None:
         try:
-            async with asyncio.timeout(remaining):
-                chunk = await loop.sock_recv(sock, max_bytes - len(buf))
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        buf += chunk
-        result = sniff_tls.server_name(buf) if buf[0] == 0x16 else sniff_http.host_name(buf)
-        if isinstance(result, str):
-            return buf, result
-        if result is None:
-            break
-    return buf, None
+            finished = self.read()
+        except OSError as exc:  # a reset: the set-up ends as it would on any read error
+            if self.fut is not None and not self.fut.done():
+                self.fut.set_exception(exc)
+            return
+        if finished:
+            self.done()
+
+    def done(self) -> None:
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_result(None)
+
+    def read(self) -> bool:
+        """Take what has arrived; True once sniffing is over (a verdict, EOF, or max bytes)."""
+        buf = self.buf
+        while len(buf) < self.max_bytes:
+            try:
+                chunk = self.sock.recv(self.max_bytes - len(buf))
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not chunk:
+                return True
+            buf += chunk
+            sniffer = self.sniffer
+            if sniffer is None:
+                tls = chunk[0] == sniff_tls.RECORD_HANDSHAKE
+                self.sniffer = sniffer = (
+                    sniff_tls.ClientHelloSniffer() if tls else sniff_http.HostSniffer()
+                )
+            result = sniffer.feed(chunk)
+            if isinstance(result, str):
+                self.name = result
+                return True
+            if result is None:
+                return True
+        return True
