@@ -1,6 +1,6 @@
 """Where one tunnel's set-up CPU goes: HandyProxy under wrk, sampled by py-spy, counted by strace.
 
-    sudo .venv/bin/python -m bench.profile --py-spy /tmp/pyspy/bin/py-spy [--flags '-sniff-timeout 1s']
+    sudo .venv/bin/python -m bench.profile --py-spy /tmp/pyspy/bin/py-spy [--flags '...']
 
 Builds the benchmark's lab, starts tinyproxy and one HandyProxy, drives new tunnels with
 ``wrk -H 'Connection: close'`` (one tunnel per request) and, over the same window, samples the
@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import ORIGIN, HTTP_PORT, PROXY_PORT, UPSTREAM_IP, Bench
-from bench.tools import HandyProxy, cpu_seconds, descendants, parse_wrk
+from bench.run import HTTP_PORT, ORIGIN, PROXY_PORT, UPSTREAM_IP, Bench
+from bench.tools import Forwarder, HandyProxy, Redsocks, cpu_seconds, descendants, parse_wrk
 from handyproxy.lab import netns as labmod
 
 _FRAME_LINE = re.compile(r":\d+\)$")
@@ -68,7 +68,8 @@ def strace_table(text: str, tunnels: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    p.add_argument("--py-spy", required=True, help="path of the py-spy executable")
+    p.add_argument("--py-spy", help="path of the py-spy executable (none: no sampling)")
+    p.add_argument("--tool", choices=("handyproxy", "redsocks"), default="handyproxy")
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--flags", default="", help="extra HandyProxy flags, e.g. '-sniff-timeout 1s'")
@@ -87,38 +88,46 @@ def main(argv: list[str] | None = None) -> int:
             b.env["PYTHONPATH"] = f"{args.source.resolve()}:{b.env['PYTHONPATH']}"
         b.setup()
         b.start_upstream("tinyproxy")
-        fw = HandyProxy(
-            name="handyproxy",
-            upstream=f"{UPSTREAM_IP}:{PROXY_PORT}",
-            port=b.port(),
-            workdir=workdir,
-            log_level=args.log_level,
-        )
-        extra = shlex.split(args.flags)
-        fw_argv = fw.argv
-        fw.argv = lambda: [*fw_argv(), *extra]  # type: ignore[method-assign]
+        upstream = f"{UPSTREAM_IP}:{PROXY_PORT}"
+        fw: Forwarder
+        if args.tool == "redsocks":
+            fw = Redsocks(name="redsocks", upstream=upstream, port=b.port(), workdir=workdir)
+        else:
+            fw = HandyProxy(
+                name="handyproxy",
+                upstream=upstream,
+                port=b.port(),
+                workdir=workdir,
+                log_level=args.log_level,
+            )
+            extra = shlex.split(args.flags)
+            fw_argv = fw.argv
+            fw.argv = lambda: [*fw_argv(), *extra]  # type: ignore[method-assign]
         proc = b.start_forwarder(fw)
         lab.redirect(fw.port, family="ipv4")
         try:
             pid = proc.pid
             b.wrk(args.connections, 2)  # warm up
             raw = workdir / "pyspy.txt"
-            spy = subprocess.Popen(
-                [args.py_spy, "record", "--native", "--rate", "250",
-                 "--format", "raw", "--duration", str(args.seconds + 1),
-                 "-o", str(raw), "--pid", str(pid)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            time.sleep(0.5)  # py-spy attaches
+            spy = None
+            if args.py_spy:
+                spy = subprocess.Popen(
+                    [args.py_spy, "record", "--native", "--rate", "250",
+                     "--format", "raw", "--duration", str(args.seconds + 1),
+                     "-o", str(raw), "--pid", str(pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                time.sleep(0.5)  # py-spy attaches
             c0 = cpu_seconds(descendants(pid))
             wrk = b.wrk(args.connections, args.seconds)
             cpu = cpu_seconds(descendants(pid)) - c0
-            spy.wait(timeout=60)
+            if spy is not None:
+                spy.wait(timeout=60)
             out["wrk"] = {k: wrk[k] for k in ("rps", "requests", "errors")}
             out["cpu_s"] = round(cpu, 3)
             out["cpu_us_per_tunnel"] = round(1e6 * cpu / max(1, wrk["requests"]), 1)
             out["profile"] = top_functions(raw.read_text() if raw.exists() else "", args.top)
-            if spy.returncode:
+            if spy is not None and spy.returncode:
                 out["py_spy_error"] = (spy.stderr.read() if spy.stderr else "")[-300:]
             if not args.no_strace:
                 table = workdir / "strace.txt"

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from handyproxy import config, relay, systemd
+from handyproxy import config, log, relay, systemd
 from handyproxy.address import authority
 from handyproxy.config import Config
 from handyproxy.log import logger
@@ -129,6 +129,7 @@ class Server:
         self.stop_requested = asyncio.Event()
         for sig in _HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
+        log.attach(loop)
         try:
             await self.hub.upstreams.start(loop)
             self.start_accepting()
@@ -141,6 +142,7 @@ class Server:
             self.hub.upstreams.close()
             await self.shutdown()
         finally:
+            log.detach()
             for sig in _HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
 
