@@ -106,6 +106,7 @@ class HandyProxy(Forwarder):
     python: str = field(default_factory=lambda: sys.executable)
     log_level: str = "warning"
     relay: str | None = None  # -relay splice|copy; None = the forwarder's default
+    extra: list[str] = field(default_factory=list)  # more flags (a variant row's)
 
     def __post_init__(self) -> None:
         self.multiprocess = True
@@ -126,7 +127,7 @@ class HandyProxy(Forwarder):
             argv += ["-workers", str(self.workers)]
         if self.relay:
             argv += ["-relay", self.relay]
-        return argv
+        return argv + self.extra
 
     def version(self) -> str:
         return first_line([self.python, "-m", "handyproxy", "-version"])
