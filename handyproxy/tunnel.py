@@ -58,6 +58,7 @@ class Tunnel:
     __slots__ = (
         "client_ip",
         "client_port",
+        "cpoll",
         "dst",
         "hub",
         "relay",
@@ -85,6 +86,8 @@ class Tunnel:
         self.relay: RelayBase | None = None
         self.task: asyncio.Task[None] | None = None
         self.upstream: Upstream | None = None
+        # The client socket's reader left registered by sniffing, for the relay to take over.
+        self.cpoll: UpstreamPoll | None = None
 
     @property
     def client(self) -> str:
@@ -143,7 +146,9 @@ class Tunnel:
         peek = dst[1] in upstreams.ports  # an upstream port let through: look for nesting
         if peek or (sniffing and (rule is None or rule.action != "direct")):
             timeout = cfg.effective_sniff_timeout if cfg.sniffing else PEEK_TIMEOUT
-            first, name = await sniff(self.sock, timeout, cfg.sniff_max_bytes)
+            sniffed = _Sniff(hub.loop, self.sock, cfg.sniff_max_bytes)
+            first, name = await sniffed.run(timeout, park=True)
+            self.cpoll = sniffed.poll
             if peek and origdst.is_proxy_request(first):
                 self.refuse("proxy-request")
                 return
@@ -176,30 +181,46 @@ class Tunnel:
     async def start_relay(
         self, upstream: socket.socket, poll: UpstreamPoll | None, first: bytes, leftover: bytes
     ) -> None:
-        """Deliver the bytes already read on each side, then hand both sockets to the relay."""
+        """Deliver the bytes already read on each side, then hand both sockets to the relay.
+
+        A fresh socket takes a first flight (a ClientHello, a request) at once: sent directly,
+        both sockets keep their registrations for the relay. Only what does not go at once is
+        waited for, after the registrations are dropped (a parked reader would fire on every
+        loop turn while we wait).
+        """
         loop = self.hub.loop
-        if first or leftover:
-            if poll is not None:
-                poll.hand_over(None)  # no parked reader while we wait to write
-                poll = None
-            try:
-                if first:
-                    await loop.sock_sendall(upstream, first)
-                if leftover:
-                    await loop.sock_sendall(self.sock, leftover)
-            except BaseException:
-                reset_socket(upstream)
-                upstream.close()
-                raise
+        cpoll, self.cpoll = self.cpoll, None
+        try:
+            first_left = _send_now(upstream, first)
+            leftover_left = _send_now(self.sock, leftover)
+            if first_left or leftover_left:
+                for reg in (poll, cpoll):
+                    if reg is not None:
+                        reg.hand_over(None)
+                poll = cpoll = None
+                if first_left:
+                    await loop.sock_sendall(upstream, first_left)
+                if leftover_left:
+                    await loop.sock_sendall(self.sock, leftover_left)
+        except BaseException:
+            for reg in (poll, cpoll):
+                if reg is not None:
+                    reg.hand_over(None)
+            reset_socket(upstream)
+            upstream.close()
+            raise
         relay = self.hub.relay_cls(self.finished, loop.time())
         self.relay = relay
-        await relay.start(loop, self.sock, upstream, poll)
+        await relay.start(loop, self.sock, upstream, poll, cpoll)
         relay.seed(len(first), len(leftover))
 
     def refuse(self, reason: str) -> None:
         self.fail("refused", reason)
 
     def fail(self, end: str, reason: str) -> None:
+        if self.cpoll is not None:  # unregister before the close
+            self.cpoll.hand_over(None)
+            self.cpoll = None
         reset_socket(self.sock)
         self.sock.close()
         self.log(end, reason=reason)
@@ -253,10 +274,27 @@ async def sniff(sock: socket.socket, timeout: float, max_bytes: int) -> tuple[by
     return await _Sniff(asyncio.get_running_loop(), sock, max_bytes).run(timeout)
 
 
+def _send_now(sock: socket.socket, data: bytes) -> bytes:
+    """Send what the socket takes without waiting; returns what is left (OSError on a reset)."""
+    if not data:
+        return b""
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    return data[sent:]
+
+
+def _unpark(poll: UpstreamPoll) -> None:
+    """The client sent more before the relay took over: drop the parked reader, which would
+    otherwise fire on every loop turn; the relay registers afresh."""
+    poll.close()
+
+
 class _Sniff:
     """The state of one sniff: the bytes so far, the parser they chose, and the wait's end."""
 
-    __slots__ = ("buf", "fd", "fut", "loop", "max_bytes", "name", "sniffer", "sock")
+    __slots__ = ("buf", "fd", "fut", "loop", "max_bytes", "name", "poll", "sniffer", "sock")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, max_bytes: int
@@ -269,19 +307,34 @@ class _Sniff:
         self.sniffer: Sniffer | None = None
         self.name: str | None = None
         self.fut: asyncio.Future[None] | None = None
+        self.poll: UpstreamPoll | None = None  # the reader left registered by run(park=True)
 
-    async def run(self, timeout: float) -> tuple[bytes, str | None]:
+    async def run(self, timeout: float, park: bool = False) -> tuple[bytes, str | None]:
+        """Sniff; with ``park`` a reader it had to register stays registered (in ``poll``) for
+        the relay to take over, else it is dropped."""
         if timeout > 0 and not self.read():
             loop = self.loop
             self.fut = fut = loop.create_future()
-            loop.add_reader(self.fd, self.on_readable)
+            poll = UpstreamPoll(loop, self.fd)
+            poll.watcher = self.on_wake
+            poll.want(write=False)
             timer = loop.call_later(timeout, self.done)
             try:
                 await fut
+            except BaseException:
+                poll.close()
+                raise
             finally:
                 timer.cancel()
-                loop.remove_reader(self.fd)
+            if park:
+                poll.watcher = _unpark
+                self.poll = poll
+            else:
+                poll.close()
         return bytes(self.buf), self.name
+
+    def on_wake(self, _poll: UpstreamPoll) -> None:
+        self.on_readable()
 
     def on_readable(self) -> None:
         try:

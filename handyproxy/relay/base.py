@@ -38,11 +38,13 @@ class RelayBase:
         client: socket.socket,
         upstream: socket.socket,
         registration: Registration | None,
+        client_registration: Registration | None = None,
     ) -> None:
         """Take over both connected sockets; from here the relay's callbacks carry the tunnel.
 
-        ``registration`` is the upstream socket's poll registration still held by the set-up
-        (None when it was dropped already); the relay must call its ``hand_over()`` first.
+        ``registration`` (the upstream socket's) and ``client_registration`` (the client's,
+        left by sniffing) are poll registrations still held by the set-up, None when there is
+        none; the relay must call their ``hand_over()`` before it polls either socket.
         """
         raise NotImplementedError
 

@@ -118,10 +118,12 @@ class CopyRelay(RelayBase):
         client: socket.socket,
         upstream: socket.socket,
         registration: Registration | None,
+        client_registration: Registration | None = None,
     ) -> None:
         """Wrap both sockets in transports; the upstream waits until the client side exists."""
-        if registration is not None:
-            registration.hand_over(None)  # a transport must find the socket unregistered
+        for reg in (registration, client_registration):
+            if reg is not None:
+                reg.hand_over(None)  # a transport must find the socket unregistered
         up = self.upstream
         up.held = True  # until the client side exists, keep what arrives, in order
         await loop.create_connection(lambda: up, sock=upstream)

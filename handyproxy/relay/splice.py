@@ -313,6 +313,7 @@ class SpliceRelay(RelayBase):
         client: socket.socket,
         upstream: socket.socket,
         registration: Registration | None,
+        client_registration: Registration | None = None,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -321,7 +322,11 @@ class SpliceRelay(RelayBase):
         self.down = Direction(self, upstream, client, "upstream", "client")
         self.up.reverse = self.down
         self.down.reverse = self.up
-        self.up.start_reading()
+        if client_registration is None:
+            self.up.start_reading()
+        else:  # the client's reader left by sniffing, taken over the same way
+            client_registration.hand_over(self.up.on_readable)
+            self.up.reading = True
         if registration is None:
             self.down.start_reading()
         else:  # the upstream's reader replaces the set-up's on the same registration

@@ -20,6 +20,7 @@ from handyproxy.relay import RELAYS, load
 from handyproxy.relay.base import RelayBase
 from handyproxy.relay.copy import CopyRelay
 from handyproxy.relay.splice import TCP_CLOSE, SpliceRelay, _tcp_state
+from handyproxy.tunnel import _unpark
 from handyproxy.upstream.dial import UpstreamPoll
 
 T = TypeVar("T")
@@ -153,3 +154,47 @@ def test_only_the_splice_relay_counts_descriptors_and_its_pipes_go_back() -> Non
     assert SpliceRelay.descriptors_in_use() == 2 * pool.open
     assert len(pool.free) == pool.open  # every pipe is back, none is held by an ended tunnel
     assert len(pool.free) >= free_before
+
+
+@pytest.mark.parametrize("more_before_relay", [False, True], ids=["quiet", "client-sent-more"])
+@pytest.mark.parametrize("name", sorted(RELAYS))
+def test_the_relay_takes_over_the_client_reader_sniffing_left(
+    name: str, more_before_relay: bool
+) -> None:
+    """Sniffing leaves its reader parked on the client socket (``tunnel._Sniff``); the relay
+    takes it over. If the client sends more first, the parked reader drops itself (a level-
+    triggered reader would fire on every loop turn) and the relay registers afresh; the
+    bytes are not lost either way."""
+    client_app, client_ours = tcp_pair()
+    origin, upstream_ours = tcp_pair()
+    socks = (client_app, client_ours, origin, upstream_ours)
+
+    async def main() -> tuple[bytes, bool]:
+        loop = asyncio.get_running_loop()
+        cpoll = UpstreamPoll(loop, client_ours.fileno())
+        cpoll.want(write=False)
+        cpoll.watcher = _unpark
+        if more_before_relay:
+            client_app.sendall(b"early")
+            await until(lambda: not cpoll.reading, "the parked reader dropped itself")
+        dropped = not cpoll.reading
+        finished: asyncio.Future[RelayBase] = loop.create_future()
+        relay = load(name)(finished.set_result, loop.time())
+        await relay.start(loop, client_ours, upstream_ours, None, cpoll)
+        await loop.sock_sendall(client_app, b"late")
+        want = b"earlylate" if more_before_relay else b"late"
+        got = b""
+        while len(got) < len(want):
+            got += await asyncio.wait_for(loop.sock_recv(origin, 100), 5)
+        client_app.shutdown(socket.SHUT_WR)
+        origin.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(finished, 5)
+        return got, dropped
+
+    try:
+        got, dropped = run(main)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert got == (b"earlylate" if more_before_relay else b"late")
+    assert dropped == more_before_relay
