@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -17,14 +18,34 @@ logger = logging.getLogger("handyproxy")
 access = logging.getLogger("handyproxy.access")
 
 
+#: A value that needs no quoting, checked in one match (the usual case: addresses, numbers).
+_PLAIN = re.compile(r"[!#-<>-~]+")
+
+
 def _render_fields(fields: dict[str, Any]) -> str:
     parts = []
     for key, value in fields.items():
         text = str(value)
-        if not text or not text.isprintable() or any(c in text for c in ' "='):
+        if _PLAIN.fullmatch(text) is None and (
+            not text or not text.isprintable() or any(c in text for c in ' "=')
+        ):
             text = json.dumps(text)
         parts.append(f"{key}={text}")
     return " ".join(parts)
+
+
+_stamp_second = -1
+_stamp_text = ""
+
+
+def _stamp(created: float) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` in UTC, formatted once per second rather than per record."""
+    global _stamp_second, _stamp_text
+    second = int(created)
+    if second != _stamp_second:
+        _stamp_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_second = second
+    return _stamp_text
 
 
 class TextFormatter(logging.Formatter):
@@ -42,8 +63,7 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if self.timestamps:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            line = f"{stamp}.{int(record.msecs):03d}Z {line}"
+            line = f"{_stamp(record.created)}.{int(record.msecs):03d}Z {line}"
         return line
 
 

@@ -227,3 +227,23 @@ def test_detach_writes_what_is_pending() -> None:
 
     asyncio.run(main())
     assert stream.getvalue() == "INFO handyproxy.access: tunnel end n=1\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("198.51.100.2:40000", "198.51.100.2:40000"),
+        ("[2001:db8::2]:443", "[2001:db8::2]:443"),
+        ("", '""'),
+        ("a b", '"a b"'),
+        ('say "x"', '"say \\"x\\""'),
+        ("k=v", '"k=v"'),
+        ("tab\there", '"tab\\there"'),
+        ("ünïcode", "ünïcode"),  # printable, no space, quote or "=": shown as it is
+        ("caf\u00e9 au lait", '"caf\\u00e9 au lait"'),
+    ],
+)
+def test_a_field_is_quoted_exactly_when_it_must_be(value: str, shown: str) -> None:
+    out = capture("text")
+    log.access.info("tunnel end", extra={"fields": {"reason": value}})
+    assert out.getvalue() == f"INFO handyproxy.access: tunnel end reason={shown}\n"
