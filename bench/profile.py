@@ -25,7 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import HTTP_PORT, ORIGIN, PROXY_PORT, UPSTREAM_IP, Bench
+from bench.run import (
+    HTTP_PORT,
+    HTTPS_PORT,
+    ORIGIN,
+    ORIGIN_NAME,
+    PROXY_PORT,
+    UPSTREAM_IP,
+    Bench,
+)
 from bench.tools import Forwarder, HandyProxy, Redsocks, cpu_seconds, descendants, parse_wrk
 from handyproxy.lab import netns as labmod
 
@@ -76,10 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-strace", action="store_true")
+    p.add_argument("--tls", action="store_true", help="TLS tunnels (wrk over https, named)")
     p.add_argument("--source", type=Path, help="run the handyproxy package of this checkout")
     args = p.parse_args(argv)
     bench_args = argparse.Namespace(nice=0, rate=5000, latency_seconds=3)
-    out: dict = {"flags": args.flags, "log_level": args.log_level}
+    out: dict = {
+        "command": "python -m bench.profile "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "flags": args.flags,
+        "log_level": args.log_level,
+        "tls": args.tls,
+    }
     with tempfile.TemporaryDirectory(prefix="hpprof-") as tmp, labmod.Lab(prefix=None) as lab:
         workdir = Path(tmp)
         workdir.chmod(0o755)
@@ -107,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         lab.redirect(fw.port, family="ipv4")
         try:
             pid = proc.pid
-            b.wrk(args.connections, 2)  # warm up
+            url = f"https://{ORIGIN_NAME}:{HTTPS_PORT}/" if args.tls else ""
+            b.wrk(args.connections, 2, url)  # warm up
             raw = workdir / "pyspy.txt"
             spy = None
             if args.py_spy:
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
                 time.sleep(0.5)  # py-spy attaches
             c0 = cpu_seconds(descendants(pid))
-            wrk = b.wrk(args.connections, args.seconds)
+            wrk = b.wrk(args.connections, args.seconds, url)
             cpu = cpu_seconds(descendants(pid)) - c0
             if spy is not None:
                 spy.wait(timeout=60)
@@ -136,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 time.sleep(0.5)
+                url = url or f"http://{ORIGIN}:{HTTP_PORT}/"
                 argv_wrk = ["wrk", "-t1", f"-c{args.connections}", "-d3s", "-H",
-                            "Connection: close", f"http://{ORIGIN}:{HTTP_PORT}/"]  # fmt: skip
+                            "Connection: close", url]  # fmt: skip
                 res = parse_wrk(lab.run("client", argv_wrk, capture_output=True, text=True).stdout)
                 st.send_signal(2)
                 st.wait(timeout=30)
