@@ -34,10 +34,32 @@ from bench.run import (
     UPSTREAM_IP,
     Bench,
 )
-from bench.tools import Forwarder, HandyProxy, Redsocks, cpu_seconds, descendants, parse_wrk
+from bench.tools import (
+    CLK_TCK,
+    Forwarder,
+    HandyProxy,
+    Redsocks,
+    cpu_seconds,
+    descendants,
+    parse_wrk,
+)
 from handyproxy.lab import netns as labmod
 
 _FRAME_LINE = re.compile(r":\d+\)$")
+
+
+def user_system(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) in seconds summed over ``pids``: user space (the interpreter) apart from
+    the kernel (system calls, and the loopback TCP work they trigger)."""
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def top_functions(raw: str, count: int) -> dict:
@@ -134,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 time.sleep(0.5)  # py-spy attaches
-            c0 = cpu_seconds(descendants(pid))
+            c0, (u0, s0) = cpu_seconds(descendants(pid)), user_system(descendants(pid))
             wrk = b.wrk(args.connections, args.seconds, url)
             cpu = cpu_seconds(descendants(pid)) - c0
+            u1, s1 = user_system(descendants(pid))
+            n = max(1, wrk["requests"])
+            out["user_us_per_tunnel"] = round(1e6 * (u1 - u0) / n, 1)
+            out["system_us_per_tunnel"] = round(1e6 * (s1 - s0) / n, 1)
             if spy is not None:
                 spy.wait(timeout=60)
             out["wrk"] = {k: wrk[k] for k in ("rps", "requests", "errors")}
