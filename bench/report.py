@@ -727,16 +727,19 @@ PROFILE_READING = """
   poll handle costs 7 epoll_ctl and an ioctl over its life); the sniffed first flight is sent at
   once when the fresh socket takes it.
 - **Tried and dropped:** accepting with `_accept()` and a plain `socket(fd)` instead of
-  `socket.accept()` (no measurable change, 6.5 vs 5-6.5 us per accept in isolation); stopping
-  the splice loop after a short read instead of at EAGAIN (one splice less per chunk, but uvloop
-  reports an error on a descriptor once, so a reset arriving with the last bytes could be
-  missed: correctness wins).
+  `socket.accept()` (no measurable change: 6.5 vs 5-6.5 us per accept in isolation); driving
+  the set-up coroutine from future callbacks without a Task (a set-up of the same depth, two
+  waits: 15.6-17.5 us against 16.8-21.6 us with a Task on uvloop, within the noise, so the
+  Task stays); stopping the splice loop after a short read instead of at EAGAIN (one splice
+  less per chunk, but uvloop reports an error on a descriptor once, so a reset arriving with
+  the last bytes could be missed: correctness wins).
 - **What parity would take:** the remaining user time is per-tunnel Python object work (the
-  set-up coroutine chain and its Task, futures and timer handles, the relay's two Direction
-  objects) and one Python call per chunk per direction. Moving the set-up onto plain callbacks
-  without a Task, and the relay onto one edge-triggered epoll of our own (one epoll_ctl per
-  descriptor instead of uvloop's seven), are the next steps; by these profiles together they
-  would save perhaps a fifth of the user time, not the factor redsocks' C has.
+  set-up's coroutine frames, futures and timer handles, the relay's two Direction objects, the
+  uvloop poll handles) and one Python call per chunk per direction. The next step by these
+  profiles is the relay and set-up on one edge-triggered epoll of our own (one epoll_ctl per
+  descriptor instead of uvloop's seven, no poll-handle objects); it would save part of the user
+  time, not the factor redsocks' C has. Meeting redsocks' CPU per tunnel needs the per-tunnel
+  path out of the interpreter.
 """
 
 
