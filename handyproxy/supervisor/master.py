@@ -158,7 +158,6 @@ class Master:
             self.table = SharedTable()
             if self.cfg.control_socket:
                 self.control = ControlServer.bind(self.cfg.control_socket)
-            server.log_listening(self.listeners, self.cfg, workers=self.cfg.workers)
             self.operation = Operation("start", self.generation, time.monotonic() + 1e9)
         if self.control is not None:
             self.selector.register(self.control.sock, selectors.EVENT_READ, self.on_control)
@@ -210,7 +209,6 @@ class Master:
             "upgraded: new workers starting on the same sockets",
             extra={"fields": {"version": handyproxy.__version__, "from": state["version"]}},
         )
-        server.log_listening(self.listeners, self.cfg, workers=self.cfg.workers)
 
     # Workers
 
@@ -374,6 +372,9 @@ class Master:
         else:
             text = f"{op.kind} done" if op.kind != "start" else "ready"
         tunnels = f"{self.table.open_total()} tunnels open"
+        if op.kind in ("start", "upgrade") and not op.errors:
+            # Once the workers serve: this line is when an operator (and a test) may connect.
+            server.log_listening(self.listeners, self.cfg, workers=self.cfg.workers)
         if not (op.kind == "start" and op.errors):  # a start that failed ends in an exit
             systemd.notify("READY=1", f"STATUS={text}, {tunnels}")
         if op.kind != "start":
