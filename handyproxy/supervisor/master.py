@@ -575,7 +575,10 @@ class Master:
 
     def status_text(self) -> str:
         live = sum(1 for w in self.workers.values() if not w.leaving)
-        return f"{self.table.open_total()} tunnels open, {live} workers"
+        return (
+            f"handyproxy {handyproxy.__version__}: {self.table.open_total()} tunnels open, "
+            f"{live} workers"
+        )
 
     def on_signal(self, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
