@@ -91,6 +91,7 @@ class Operation:
     waiting: set[int] = dataclasses.field(default_factory=set)  # reload: pids yet to apply
     errors: list[str] = dataclasses.field(default_factory=list)
     old_listeners: list[socket.socket] = dataclasses.field(default_factory=list)
+    logged: bool = False  # its failure was logged where it happened, with the fields
 
 
 def code_fingerprint() -> str:
@@ -377,7 +378,7 @@ class Master:
             server.log_listening(self.listeners, self.cfg, workers=self.cfg.workers)
         if not (op.kind == "start" and op.errors):  # a start that failed ends in an exit
             systemd.notify("READY=1", f"STATUS={text}, {tunnels}")
-        if op.kind != "start":
+        if op.kind != "start" and not op.logged:
             level = logger.error if op.errors else logger.info
             level(text, extra={"fields": {"version": handyproxy.__version__}})
         for conn in op.replies:
@@ -426,6 +427,7 @@ class Master:
                 extra={"fields": {"field": exc.flag, "reason": exc.reason}},
             )
             op = Operation("reload", self.generation, 0.0, replies, errors=[str(exc)])
+            op.logged = True
             self.operation = op
             self.finish()
             return
@@ -479,6 +481,7 @@ class Master:
                 "upgrade failed: the new code does not start; the running one stays",
                 extra={"fields": {"reason": reason}},
             )
+            op.logged = True
             self.fail(reason)
             return
         self.exec()

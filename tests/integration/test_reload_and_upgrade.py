@@ -174,8 +174,9 @@ def test_a_broken_config_on_reload_is_reported_and_the_running_one_stays(
     assert answer.returncode == 1
     assert "dial_timeout: missing unit" in answer.stderr
     fwd.log.wait_for(
-        r"ERROR handyproxy: reload failed; the running config stays field=\S+dial_timeout"
+        r'ERROR handyproxy: reload failed; the running config stays field="\S+: dial_timeout"'
     )
+    assert len(fwd.log.matching(" ERROR ")) == 1  # once, with the field and the reason
     os.kill(fwd.pid, signal.SIGHUP)  # the same by signal: logged, never fatal
     fwd.log.wait_for(r"reload failed; the running config stays", count=2)
     result, out = client.curl(f"http://{ORIGIN_V4}/body.bin", 4)
