@@ -165,7 +165,10 @@ class CopyRelay(RelayBase):
                 reset_transport(peer.transport)
         elif not peer.closed and peer.transport is not None:
             self.end = self.end or "eof"
-            close_transport(peer.transport)
+            if self.end == "eof":
+                close_transport(peer.transport)
+            else:  # lost after fail() aborted it: the peer's armed reset must stay armed
+                peer.transport.close()
         if peer.closed:
             self.on_done(self)
 
