@@ -44,7 +44,7 @@ _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: The master's signals: a worker that gets one anyway (kill to the whole cgroup) ignores it
 #: rather than die with its tunnels by the default action.
-_IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StartupError(Exception):
@@ -142,7 +142,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.hub.loop = loop
         self.stop_requested = asyncio.Event()
-        for sig in _IGNORED_SIGNALS:
+        for sig in IGNORED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         for sig in _HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)

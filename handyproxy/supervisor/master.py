@@ -242,6 +242,8 @@ class Master:
             signal.set_wakeup_fd(-1)
             for sig in MASTER_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            for sig in server.IGNORED_SIGNALS:  # from the first moment, not once it serves
+                signal.signal(sig, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             self.selector.close()
             self.wake_r.close()
