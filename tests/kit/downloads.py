@@ -5,9 +5,10 @@ silent truncation that must never happen).
 ``Downloads`` runs this module as a script in the lab's client namespace. Each of ``--count``
 connections asks ``--host`` port 80 for ``/body.bin`` with a small receive buffer, reads its
 first bytes and then stops reading, so every tunnel stays open with data in flight. Once all
-have their first bytes the script prints ``{"ready": N}``; when a line arrives on its stdin it
-reads every download to its end and prints one JSON line each, then ``{"done": N}``. It needs
-only the standard library.
+have their first bytes the script prints ``{"ready": N}``; when a line arrives on its stdin (or
+``--go-file`` appears) it reads every download to its end and prints one JSON line each, then
+``{"done": N}``. It needs only the standard library: the Molecule ``lifecycle`` scenario runs it
+on a container host too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from handyproxy.lab.netns import Lab
 
-REQUEST = b"GET /body.bin HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+REQUEST = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+GO_POLL = 0.05
 #: Small enough that the body cannot sit in buffers: the tunnel really is still open.
 RCVBUF = 16 * 1024
 START_TIMEOUT = 30.0
@@ -92,9 +95,9 @@ async def download(number: int, args: argparse.Namespace, started: asyncio.Event
     digest = hashlib.sha256()
     size, port, head, end = 0, 0, b"", "eof"
     try:
-        await loop.sock_connect(sock, (args.host, 80))
+        await loop.sock_connect(sock, (args.host, args.port))
         port = sock.getsockname()[1]
-        await loop.sock_sendall(sock, REQUEST % args.name.encode())
+        await loop.sock_sendall(sock, REQUEST % (args.path.encode(), args.name.encode()))
         first = True
         while True:
             chunk = await loop.sock_recv(sock, 4096)
@@ -130,7 +133,11 @@ async def run(args: argparse.Namespace) -> None:
     for event in events:
         await event.wait()
     print(json.dumps({"ready": args.count}), flush=True)
-    await loop.run_in_executor(None, sys.stdin.readline)
+    if args.go_file:
+        while not os.path.exists(args.go_file):  # the pace of polling a file, not a sync
+            await asyncio.sleep(GO_POLL)
+    else:
+        await loop.run_in_executor(None, sys.stdin.readline)
     go.set()
     for task in asyncio.as_completed(tasks):
         print(json.dumps(await task), flush=True)
@@ -142,6 +149,9 @@ def main() -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--name", required=True, help="the Host header")
     parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--port", type=int, default=80)
+    parser.add_argument("--path", default="/body.bin")
+    parser.add_argument("--go-file", help="go on once this file exists (instead of stdin)")
     asyncio.run(run(parser.parse_args()))
     return 0
 
