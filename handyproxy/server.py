@@ -125,7 +125,7 @@ class Server:
             relay_cls=relay.load(cfg.relay),
             upstreams=UpstreamSet.from_config(cfg),
             rules=RuleSet.from_config(cfg),
-            row=row if row is not None else SharedTable(rows=1).row(0),
+            row=row if row is not None else _private_row(),
         )
         self.stop_requested: asyncio.Event | None = None
         self.accept_paused = False
@@ -343,6 +343,13 @@ def log_listening(listeners: list[socket.socket], cfg: Config, **fields: object)
             f"listening on {authority(host, port)}",
             extra={"fields": {"upstream": upstreams, **fields}},
         )
+
+
+def _private_row() -> Row:
+    """A table of one row, for a Server run without a master (its caps are its own)."""
+    table = SharedTable(rows=1)
+    table.reserve(0)
+    return table.row(0)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -217,6 +217,7 @@ class Master:
         used = {w.row for w in self.workers.values()}
         row = next(i for i in range(self.table.rows) if i not in used)
         self.table.clear(row)
+        self.table.reserve(row)
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:

@@ -26,7 +26,10 @@ class SharedTable:
     """The table, mapped; ``fd`` is the memfd to hand to a re-executed master."""
 
     def __init__(self, fd: int | None = None, rows: int = ROWS) -> None:
-        size = rows * ROW_INTS * 4
+        # The rows, then one int: how many rows have been in use (written by the master only),
+        # so a check sums those rather than all of them.
+        self.used_at = rows * ROW_INTS
+        size = (self.used_at + 1) * 4
         if fd is None:
             fd = os.memfd_create("handyproxy-tunnels", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
@@ -38,6 +41,10 @@ class SharedTable:
     def row(self, index: int) -> Row:
         return Row(self, index)
 
+    def reserve(self, index: int) -> None:
+        """Count row ``index`` in from now on (the master, before the worker starts)."""
+        self.ints[self.used_at] = max(self.ints[self.used_at], index + 1)
+
     def clear(self, index: int) -> None:
         """Forget a row whose worker is gone: its tunnels went with it."""
         start = index * ROW_INTS
@@ -45,11 +52,11 @@ class SharedTable:
 
     def open_total(self) -> int:
         """Tunnels open in the whole instance."""
-        return sum(self.ints[0::ROW_INTS])
+        return sum(self.ints[0 : self.ints[self.used_at] * ROW_INTS : ROW_INTS])
 
     def client_total(self, bucket: int) -> int:
         """Tunnels open in the whole instance for the clients in ``bucket``."""
-        return sum(self.ints[1 + bucket :: ROW_INTS])
+        return sum(self.ints[1 + bucket : self.ints[self.used_at] * ROW_INTS : ROW_INTS])
 
 
 def bucket_of(client_ip: str) -> int:

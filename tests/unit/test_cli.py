@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from handyproxy import __version__, cli, log
-from handyproxy.supervisor import master
 from handyproxy.config import Config
+from handyproxy.supervisor import master
 from handyproxy.upstream import UpstreamSpec
 
 SERVER_RAN = 99

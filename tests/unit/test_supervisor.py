@@ -18,6 +18,7 @@ from handyproxy.supervisor.table import BUCKETS, SharedTable, bucket_of
 
 def test_caps_count_every_row_and_refuse_without_counting():
     table = SharedTable(rows=4)
+    table.reserve(1)
     a, b = table.row(0), table.row(1)
     bucket = bucket_of("198.51.100.2")
     assert a.admit(bucket, 3, 0) is None
@@ -31,6 +32,7 @@ def test_caps_count_every_row_and_refuse_without_counting():
 
 def test_the_client_cap_is_per_bucket_across_rows_and_a_cleared_row_frees_its_share():
     table = SharedTable(rows=4)
+    table.reserve(2)
     a, b = table.row(0), table.row(2)
     ip = "2001:db8:100::2"
     assert a.admit(bucket_of(ip), 0, 2) is None
@@ -45,6 +47,7 @@ def test_the_client_cap_is_per_bucket_across_rows_and_a_cleared_row_frees_its_sh
 def test_buckets_are_stable_and_a_shared_fd_maps_the_same_counts():
     assert bucket_of("198.51.100.2") == bucket_of("198.51.100.2") < BUCKETS
     table = SharedTable(rows=2)
+    table.reserve(1)
     table.row(1).add(5, 1)
     again = SharedTable(fd=os.dup(table.fd), rows=2)  # as the re-executed master maps it
     assert again.open_total() == 1 and again.client_total(5) == 1
