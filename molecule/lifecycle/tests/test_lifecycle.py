@@ -43,7 +43,7 @@ ORIGIN = LAB["origin4"]
 ALPHA = f"{LAB['proxy_front4']}:3128"
 BETA = f"{LAB['proxy_front4']}:8888"
 HELD = 100
-WORK = "/tmp/load"
+WORK = "/var/tmp/load"  # not /tmp: a tmpfs there, where docker cp cannot write
 # A tunnel every 10 ms through "switch" (captures this host's port 80), each curl in the
 # background so a slow one does not slow the pace; one "HTTP-CODE CURL-EXIT" line each.
 TICKER = (
