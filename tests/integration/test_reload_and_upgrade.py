@@ -21,6 +21,7 @@ from kit.client import Client
 from kit.downloads import Download, Downloads
 from kit.forwarder import HANDYPROXY, Forwarder
 from kit.origins import INDEX, ORIGIN_NAME
+from kit.records import fields
 from kit.ticker import Attempt, Ticker
 from kit.waiting import wait_until
 from kit.wire import sha256_file
@@ -50,15 +51,18 @@ def ask(control: Path, verb: str = "reload") -> subprocess.CompletedProcess[str]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
 
-def upstream_of(forwarder: Forwarder, attempts: list[Attempt]) -> set[str]:
-    """The upstreams that served these ticker attempts, from their access records."""
+def upstream_of(forwarder: Forwarder, attempts: list[Attempt], lines: list[str]) -> set[str]:
+    """The upstreams that served these ticker attempts, from their access records among
+    ``lines`` (a slice of the log: client ports are reused, so the slice says when)."""
     ports = {a.port for a in attempts}
-    return {
-        r["upstream"]
-        for r in forwarder.records()
-        if r.get("client", "").rpartition(":")[0] == CLIENT_V4
-        and int(r["client"].rpartition(":")[2]) in ports
-    }
+    found = set()
+    for line in lines:
+        if "tunnel end " in line:
+            record = fields(line)
+            host, _, port = record["client"].rpartition(":")
+            if host == CLIENT_V4 and int(port) in ports:
+                found.add(record["upstream"])
+    return found
 
 
 def downloads_ended(forwarder: Forwarder) -> int:
@@ -91,17 +95,20 @@ def test_reload_with_a_changed_upstream_refuses_and_truncates_nothing(
     ):
         before = ticker.wait_attempts(20, after=time.time())
         config.write_text(f'upstream_proxy = "{SECOND}"\n')
+        logged_before = list(fwd.log.lines)
         answer = ask(control)
         assert answer.returncode == 0, answer.stderr
         assert "reload done" in answer.stdout
+        fwd.log.wait_for("reload done")
+        done = next(i for i, line in enumerate(fwd.log.lines) if "reload done" in line)
         after = ticker.wait_attempts(50, after=time.time())
         assert downloads_ended(fwd) == 0  # all 100 were open across the reload
         results = downloads.finish()
         attempts = ticker.stop()
     assert_whole(results, body, 100)
     assert [a for a in attempts if a.error] == []
-    assert upstream_of(fwd, before) == {FIRST}
-    assert upstream_of(fwd, after) == {SECOND}
+    assert upstream_of(fwd, before, logged_before) == {FIRST}
+    assert upstream_of(fwd, after, fwd.log.lines[done:]) == {SECOND}
     assert "Traceback" not in fwd.log.text()
 
 
