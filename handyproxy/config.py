@@ -197,6 +197,11 @@ class Config:
         30.0, "duration", "on SIGTERM, time open tunnels get before they are reset"
     )
     workers: int = option(1, "int", "processes sharing the port (SO_REUSEPORT)")
+    control_socket: str = option(
+        "",
+        "str",
+        "AF_UNIX socket where the master takes reload/upgrade requests (handyproxy -reload)",
+    )
     relay: str = option(
         "splice", "str", "splice (zero-copy, the default) or copy (through user space)"
     )
@@ -252,6 +257,8 @@ class Config:
         _check_int("max-client-connections", self.max_client_connections, 0, 10_000_000)
         _check_seconds("drain-timeout", self.drain_timeout)
         _check_int("workers", self.workers, 1, 256)
+        if not isinstance(self.control_socket, str) or len(self.control_socket.encode()) > 107:
+            raise ConfigError("control-socket", "expected a path of at most 107 bytes")
         if self.relay not in RELAYS:
             raise ConfigError("relay", f"must be one of {', '.join(RELAYS)}")
         if self.log_format not in LOG_FORMATS:

@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from handyproxy import origdst
 from handyproxy.address import authority, unmap
@@ -26,13 +27,22 @@ from handyproxy.rules import UNDECIDED, Rule, RuleSet
 from handyproxy.sniff import Sniffer
 from handyproxy.sniff import http as sniff_http
 from handyproxy.sniff import tls as sniff_tls
-from handyproxy.sockets import reset_socket
+from handyproxy.sockets import PEER_RESETS, reset_socket
 from handyproxy.upstream import DEFAULT_GROUP, Upstream, UpstreamSet
 from handyproxy.upstream.dial import UpstreamPoll
 
 #: How long to wait for a client's first bytes on an upstream's port (allowed by
 #: -allow-upstream-ports) when sniffing is off: they decide whether it is a nested proxy request.
 PEEK_TIMEOUT = 1.0
+
+
+class PeerFailed(Exception):
+    """A peer's socket failed during set-up; ``side`` is "client" or "upstream"."""
+
+    def __init__(self, side: str, exc: OSError) -> None:
+        super().__init__(f"{side}: {exc}")
+        self.end = f"{side}-reset" if exc.errno in PEER_RESETS else "error"
+        self.reason = exc.strerror or type(exc).__name__
 
 
 @dataclass(eq=False)
@@ -47,7 +57,8 @@ class Hub:
     rules: RuleSet = field(default_factory=RuleSet)
     relay_cls: type[RelayBase] = None  # type: ignore[assignment]
     tunnels: set[Tunnel] = field(default_factory=set)
-    per_client: dict[str, int] = field(default_factory=dict)
+    #: This worker's row of the instance-wide counts (handyproxy.supervisor.table.Row).
+    row: Any = None
     total: int = 0
     draining: bool = False
 
@@ -56,6 +67,7 @@ class Tunnel:
     """Bookkeeping for one client connection, from accept to the access record."""
 
     __slots__ = (
+        "bucket",
         "client_ip",
         "client_port",
         "cpoll",
@@ -77,6 +89,7 @@ class Tunnel:
         self.sock = sock
         self.client_ip = unmap(client[0])  # v4 clients of a dual-stack socket count as v4
         self.client_port: int = client[1]
+        self.bucket = 0  # the client's bucket in the shared counts, set once admitted
         self.dst = "-"
         self.target = "-"
         self.via = "-"  # the upstream's name, "direct", or "-" before one was chosen
@@ -105,6 +118,10 @@ class Tunnel:
             if exc.upstream:
                 self.via = exc.upstream
             self.fail("connect-failed", exc.reason)
+        except PeerFailed as exc:
+            # An ordinary event on the wire (a client that gives up while being sniffed, an
+            # upstream that resets during the replay): the access record says so, no traceback.
+            self.fail(exc.end, exc.reason)
         except asyncio.CancelledError:
             self.fail("shutdown", "cancelled during setup")
             raise
@@ -190,24 +207,32 @@ class Tunnel:
         """
         loop = self.hub.loop
         cpoll, self.cpoll = self.cpoll, None
+        # Armed while bytes may flow, like the client side (inherited from the listener): if
+        # this process dies now, the origin's side sees a reset too, not a clean end.
+        reset_socket(upstream)
+        side = "upstream"
         try:
             first_left = _send_now(upstream, first)
+            side = "client"
             leftover_left = _send_now(self.sock, leftover)
             if first_left or leftover_left:
                 for reg in (poll, cpoll):
                     if reg is not None:
                         reg.hand_over(None)
                 poll = cpoll = None
+                side = "upstream"
                 if first_left:
                     await loop.sock_sendall(upstream, first_left)
+                side = "client"
                 if leftover_left:
                     await loop.sock_sendall(self.sock, leftover_left)
-        except BaseException:
+        except BaseException as exc:
             for reg in (poll, cpoll):
                 if reg is not None:
                     reg.hand_over(None)
-            reset_socket(upstream)
             upstream.close()
+            if isinstance(exc, OSError):
+                raise PeerFailed(side, exc) from None
             raise
         relay = self.hub.relay_cls(self.finished, loop.time())
         self.relay = relay
@@ -236,11 +261,7 @@ class Tunnel:
             hub.tunnels.discard(self)
             if self.upstream is not None:
                 self.upstream.tunnels_open -= 1
-            n = hub.per_client.get(self.client_ip, 0) - 1
-            if n > 0:
-                hub.per_client[self.client_ip] = n
-            else:
-                hub.per_client.pop(self.client_ip, None)
+            hub.row.add(self.bucket, -1)
 
     def log(self, end: str, reason: str | None = None) -> None:
         if not access.isEnabledFor(logging.INFO):
@@ -339,7 +360,7 @@ class _Sniff:
     def on_readable(self) -> None:
         try:
             finished = self.read()
-        except OSError as exc:  # a reset: the set-up ends as it would on any read error
+        except PeerFailed as exc:
             if self.fut is not None and not self.fut.done():
                 self.fut.set_exception(exc)
             return
@@ -358,6 +379,8 @@ class _Sniff:
                 chunk = self.sock.recv(self.max_bytes - len(buf))
             except (BlockingIOError, InterruptedError):
                 return False
+            except OSError as exc:  # a client that gives up while being sniffed
+                raise PeerFailed("client", exc) from None
             if not chunk:
                 return True
             buf += chunk
