@@ -213,7 +213,13 @@ class UpstreamPoll:
         if reader is None:
             self.close()
             return
-        loop.add_reader(fd, reader)
+        try:
+            loop.add_reader(fd, reader)
+        except RuntimeError:
+            # uvloop closed the poll handle after an error on the descriptor (a reset right
+            # after the reply): drop it and register afresh; the relay's read finds the error.
+            loop.remove_reader(fd)
+            loop.add_reader(fd, reader)
         if self.writing:
             loop.remove_writer(fd)
         self.reading = self.writing = False

@@ -198,3 +198,38 @@ def test_the_relay_takes_over_the_client_reader_sniffing_left(
             sock.close()
     assert got == (b"earlylate" if more_before_relay else b"late")
     assert dropped == more_before_relay
+
+
+@pytest.mark.parametrize("name", sorted(RELAYS))
+def test_an_upstream_reset_before_the_hand_over_ends_the_tunnel_as_upstream_reset(
+    name: str,
+) -> None:
+    """The origin resets while the set-up's reader is parked: uvloop reports the error once
+    and closes that poll handle, so the hand-over must register afresh, and the relay's first
+    read finds the reset (the bug this guards against aborted the worker)."""
+    client_app, client_ours = tcp_pair()
+    origin, upstream_ours = tcp_pair()
+    socks = (client_app, client_ours, origin, upstream_ours)
+
+    async def main() -> str | None:
+        loop = asyncio.get_running_loop()
+        poll = UpstreamPoll(loop, upstream_ours.fileno())
+        woken: list[bool] = []
+        poll.watcher = lambda _p: woken.append(True)
+        poll.want(write=False)
+        origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        origin.close()  # RST
+        await until(lambda: bool(woken), "the parked reader saw the reset")
+        await asyncio.sleep(0)  # one more turn: uvloop has closed the handle by now
+        finished: asyncio.Future[RelayBase] = loop.create_future()
+        relay = load(name)(finished.set_result, loop.time())
+        await relay.start(loop, client_ours, upstream_ours, poll)
+        done = await asyncio.wait_for(finished, 5)
+        return done.end
+
+    try:
+        end = run(main)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert end == "upstream-reset"
