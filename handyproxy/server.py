@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from handyproxy import config, relay, systemd
+from handyproxy import config, metrics, relay, systemd
 from handyproxy.address import authority
 from handyproxy.config import Config
 from handyproxy.log import logger
@@ -131,6 +131,7 @@ class Server:
             loop.add_signal_handler(sig, self.request_stop, sig)
         try:
             await self.hub.upstreams.start(loop)
+            metrics.attach(self.hub)
             self.start_accepting()
             if self.notify:  # a worker's supervisor has announced the listeners already
                 log_listening(self.listeners, self.cfg)
@@ -140,6 +141,7 @@ class Server:
             ticker.cancel()
             self.hub.upstreams.close()
             await self.shutdown()
+            metrics.record.tick(self.hub)  # the last figures, before the process ends
         finally:
             for sig in _HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
@@ -287,6 +289,7 @@ class Server:
             for tunnel in list(self.hub.tunnels):
                 if tunnel.relay is not None:
                     tunnel.relay.check_timers(now, idle, half)
+        metrics.record.tick(self.hub)
         text = f"{len(self.hub.tunnels)} tunnels open"
         if self.notify and text != self.last_status:
             systemd.status(text)
@@ -339,9 +342,21 @@ def run(cfg: Config) -> int:
     except StartupError as exc:
         logger.error(str(exc))
         return EXIT_STARTUP_FAILURE
-    if cfg.workers == 1:
-        return serve(cfg, listeners)
-    return supervise(cfg, listeners)
+    metrics.prepare(cfg)
+    try:
+        if cfg.metrics_address:
+            try:
+                metrics.start_exporter(cfg)
+            except OSError as exc:
+                for sock in listeners:
+                    sock.close()
+                logger.error(f"cannot serve metrics on {cfg.metrics_address}: {exc}")
+                return EXIT_STARTUP_FAILURE
+        if cfg.workers == 1:
+            return serve(cfg, listeners)
+        return supervise(cfg, listeners)
+    finally:
+        metrics.shutdown()
 
 
 def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
@@ -375,6 +390,7 @@ def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = index
+        metrics.worker_started(pid)
 
     def forward(sig: int, _frame: object) -> None:
         nonlocal stopping
@@ -402,6 +418,7 @@ def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
         except InterruptedError:
             continue
         index = children.pop(pid)
+        metrics.worker_exited(pid)
         if not stopping:
             logger.error(
                 "worker died; starting another",
