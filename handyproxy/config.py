@@ -200,7 +200,7 @@ class Config:
     metrics_address: str = option(
         "",
         "str",
-        "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (default: off; port 0: any)",
     )
     relay: str = option(
         "splice", "str", "splice (zero-copy, the default) or copy (through user space)"
@@ -297,7 +297,7 @@ class Config:
             raise ConfigError("metrics-address", "expected HOST:PORT")
         if self.metrics_address:
             try:
-                split_hostport(self.metrics_address)
+                split_hostport(self.metrics_address, kernel_port=True)
             except ValueError as exc:
                 raise ConfigError("metrics-address", str(exc)) from None
 

@@ -385,7 +385,7 @@ def start_exporter(cfg: Config) -> tuple[str, int]:
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    host, port = split_hostport(cfg.metrics_address)
+    host, port = split_hostport(cfg.metrics_address, kernel_port=True)
     registry = CollectorRegistry(auto_describe=False)
     MultiProcessCollector(registry, path=_state.path)
     registry.register(InstanceCollector(_state))
