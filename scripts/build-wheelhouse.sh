@@ -4,15 +4,16 @@
 #
 # Idempotent: the handyproxy wheel is built from a clean copy of the sources with a fixed
 # timestamp (SOURCE_DATE_EPOCH), so unchanged sources give a byte-identical wheel and the file in
-# wheelhouse/ is left untouched; the role then sees no change either. The uvloop wheel is
-# dependencies are downloaded only when missing. Wheels of other versions are removed.
+# wheelhouse/ is left untouched; the role then sees no change either. The dependencies' wheels
+# are downloaded only when missing. Wheels of other versions are removed.
 #
 # Environment: WHEELHOUSE_DIR (default: <repo>/wheelhouse), PYTHON (a Python with pip; default
 # <repo>/.venv/bin/python, else python3), TARGET_PYTHON_VERSION (3.11), TARGET_PLATFORMS
 # (space-separated pip platform tags), UVLOOP_SPEC (default: the pin in requirements-dev.txt).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ROOT=$REPO
 OUT=${WHEELHOUSE_DIR:-$ROOT/wheelhouse}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x $PYTHON ]] || PYTHON=python3
@@ -20,8 +21,6 @@ TARGET_PYTHON_VERSION=${TARGET_PYTHON_VERSION:-3.11}
 TARGET_PLATFORMS=${TARGET_PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64}
 # A fixed date: zip entries carry timestamps, and wheel honours SOURCE_DATE_EPOCH.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800}
-
-log() { printf 'build-wheelhouse: %s\n' "$*" >&2; }
 
 # pinned_spec NAME: NAME==VERSION as requirements-dev.txt pins it (UVLOOP_SPEC overrides uvloop's).
 pinned_spec() {
@@ -68,7 +67,8 @@ build_handyproxy() {
         | sed 's/^/build-wheelhouse: removed old /' >&2
 }
 
-# fetch_wheel NAME: the pinned wheel of a runtime dependency for the hosts' Python, unless present.
+# fetch_wheel WORK NAME: the pinned wheel of a runtime dependency for the hosts' Python,
+# unless it is there already.
 fetch_wheel() {
     local work=$1 name=$2 spec version existing file
     spec=$(pinned_spec "$name")
