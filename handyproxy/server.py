@@ -342,10 +342,10 @@ def run(cfg: Config) -> int:
     except StartupError as exc:
         logger.error(str(exc))
         return EXIT_STARTUP_FAILURE
-    metrics.prepare(cfg)
     try:
         if cfg.metrics_address:
             try:
+                metrics.prepare(cfg)
                 metrics.start_exporter(cfg)
             except OSError as exc:
                 for sock in listeners:
