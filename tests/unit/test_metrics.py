@@ -158,6 +158,7 @@ def test_the_hooks_count_ends_refusals_sniffing_bytes_and_connect_time(exporter)
     record.sniffed(b"SSH-2.0", None)
     record.connected(0.003)
     record.connected(0.2)
+    record.connected(0.005)  # on a bound: in that bucket (le is "less or equal")
     record.tick(hub)
 
     samples = scrape(url)
@@ -173,10 +174,13 @@ def test_the_hooks_count_ends_refusals_sniffing_bytes_and_connect_time(exporter)
     # The open tunnel's bytes count at the tick, the ended ones' at their end.
     assert samples.by("handyproxy_bytes_total", "direction") == {"up": 106, "down": 2007}
     assert samples.get("handyproxy_tunnels_open") == 1
-    assert samples.get("handyproxy_connect_duration_seconds_count") == 2
-    assert samples.get("handyproxy_connect_duration_seconds_bucket", le="0.005") == 1
-    assert samples.get("handyproxy_connect_duration_seconds_bucket", le="0.25") == 2
-    assert samples.get("handyproxy_connect_duration_seconds_sum") == pytest.approx(0.203)
+    assert samples.get("handyproxy_connect_duration_seconds_count") == 3
+    assert samples.get("handyproxy_connect_duration_seconds_bucket", le="0.0025") == 0
+    assert samples.get("handyproxy_connect_duration_seconds_bucket", le="0.005") == 2
+    assert samples.get("handyproxy_connect_duration_seconds_bucket", le="0.1") == 2
+    assert samples.get("handyproxy_connect_duration_seconds_bucket", le="0.25") == 3
+    assert samples.get("handyproxy_connect_duration_seconds_bucket", le="+Inf") == 3
+    assert samples.get("handyproxy_connect_duration_seconds_sum") == pytest.approx(0.208)
 
     # The open tunnel ends having moved more: nothing is counted twice or lost.
     open_one.relay = relay(150, 2500)
