@@ -51,6 +51,7 @@ import os
 import resource
 import shutil
 import tempfile
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -484,16 +485,43 @@ def shutdown(remove: bool = True) -> None:
             del os.environ[ENV]
 
 
+def process_figures(pid: int) -> dict[str, float] | None:
+    """CPU seconds, memory, descriptors and start time of one process from /proc/PID alone.
+
+    Not prometheus-client's ProcessCollector: it needs /proc/stat for the boot time, which the
+    role's unit hides (``ProcSubset=pid``); CLOCK_BOOTTIME gives the same without it.
+    """
+    base = f"/proc/{pid}"
+    try:
+        with open(f"{base}/stat", "rb") as fh:
+            parts = fh.read().rsplit(b")", 1)[1].split()
+        fds = len(os.listdir(f"{base}/fd"))
+        limit = 0.0
+        with open(f"{base}/limits", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Max open files"):
+                    limit = float(line.split()[3])
+    except (OSError, IndexError, ValueError):
+        return None  # gone meanwhile (a worker that just exited)
+    ticks = os.sysconf("SC_CLK_TCK")
+    booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    # Fields after the command: state is [0], so field N of proc(5) is [N - 3].
+    return {
+        "cpu": (int(parts[11]) + int(parts[12])) / ticks,
+        "start": booted + int(parts[19]) / ticks,
+        "virtual": float(parts[20]),
+        "resident": float(parts[21]) * resource.getpagesize(),
+        "fds": float(fds),
+        "max_fds": limit,
+    }
+
+
 class InstanceCollector:
     """Figures only the master knows, computed per scrape: the worker count and the
     ``process_*`` figures of the master and its workers together."""
 
     def __init__(self, state: _State) -> None:
-        from prometheus_client.process_collector import ProcessCollector
-
         self.state = state
-        self.make = lambda pid: ProcessCollector(pid=lambda: pid, registry=None)
-        self.collectors: dict[int, Any] = {}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -504,35 +532,31 @@ class InstanceCollector:
             "Worker processes running (1 when the forwarder runs as one process).",
             value=len(state.workers) or 1,
         )
-        pids = [os.getpid(), *sorted(state.workers)]
-        self.collectors = {pid: self.collectors.get(pid) or self.make(pid) for pid in pids}
-        totals: dict[str, float] = {}
-        for pid in pids:
-            for family in self.collectors[pid].collect():
-                value = family.samples[0].value
-                name = family.name
-                if name == "process_start_time_seconds":
-                    totals.setdefault(name, value)  # the master's: the first pid
-                elif name == "process_max_fds":
-                    totals[name] = max(totals.get(name, 0.0), value)
-                else:
-                    totals[name] = totals.get(name, 0.0) + value
-        if not totals:
+        master = process_figures(os.getpid())
+        if master is None:
             return
+        figures = [master, *filter(None, map(process_figures, sorted(state.workers)))]
         # Workers already reaped count through the kernel's figures for waited-for children.
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = totals.get("process_cpu_seconds", 0.0) + children.ru_utime + children.ru_stime
+        cpu = sum(f["cpu"] for f in figures) + children.ru_utime + children.ru_stime
         yield CounterMetricFamily(
             "process_cpu_seconds",
             "User and system CPU time of the master and its workers (ended ones too), seconds.",
             value=cpu,
         )
-        for name, doc in (
-            ("process_resident_memory_bytes", "Resident memory of the master and its workers."),
-            ("process_virtual_memory_bytes", "Virtual memory of the master and its workers."),
-            ("process_open_fds", "Open file descriptors of the master and its workers."),
-            ("process_max_fds", "The per-process descriptor limit (the highest of them)."),
-            ("process_start_time_seconds", "When the master started, seconds since the epoch."),
+        for name, key, doc in (
+            ("resident_memory_bytes", "resident", "Resident memory of the master and workers."),
+            ("virtual_memory_bytes", "virtual", "Virtual memory of the master and workers."),
+            ("open_fds", "fds", "Open file descriptors of the master and its workers."),
         ):
-            if name in totals:
-                yield GaugeMetricFamily(name, doc, value=totals[name])
+            yield GaugeMetricFamily(f"process_{name}", doc, value=sum(f[key] for f in figures))
+        yield GaugeMetricFamily(
+            "process_max_fds",
+            "The descriptor limit of one process (the highest among them).",
+            value=max(f["max_fds"] for f in figures),
+        )
+        yield GaugeMetricFamily(
+            "process_start_time_seconds",
+            "When the master started, seconds since the epoch.",
+            value=master["start"],
+        )

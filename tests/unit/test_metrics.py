@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,6 +127,17 @@ def test_every_labelled_series_exists_at_zero_before_any_tunnel(exporter) -> Non
     assert samples.get("handyproxy_workers") == 1.0
     assert samples.get("process_open_fds") > 0
     assert samples.get("process_cpu_seconds_total") > 0
+    assert samples.get("process_resident_memory_bytes") > 1 << 20
+    started = samples.get("process_start_time_seconds")
+    assert time.time() - 86400 < started < time.time()  # this (pytest) process's start
+
+
+def test_process_figures_need_only_the_process_own_proc_directory() -> None:
+    figures = metrics.process_figures(os.getpid())
+    assert figures is not None
+    assert figures["fds"] == len(os.listdir("/proc/self/fd"))  # each counts its own listdir
+    assert figures["max_fds"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert metrics.process_figures(2**22 + 1) is None  # above pid_max: no such process
 
 
 def test_names_follow_the_prometheus_rules(exporter) -> None:
