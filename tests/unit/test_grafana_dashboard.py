@@ -218,7 +218,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     mp = pytest.MonkeyPatch()
     mp.setenv("RUNTIME_DIRECTORY", str(tmp_path_factory.mktemp("runtime")))
     mp.delenv(metrics.ENV, raising=False)
-    cfg = config.build({"metrics-address": "127.0.0.1:0", "upstream-proxy": "192.0.2.10:3128"})
+    cfg = config.build({"metrics-address": "127.0.0.1:0", "upstream-proxy": "127.0.0.1:3128"})
     try:
         metrics.prepare(cfg)
         host, port = metrics.start_exporter(cfg)

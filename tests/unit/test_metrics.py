@@ -18,7 +18,7 @@ from handyproxy.config import Config, ConfigError
 from handyproxy.tunnel import Hub
 from handyproxy.upstream import UpstreamSet
 
-UPSTREAMS = "192.0.2.10:3128,192.0.2.11:3128"  # never dialled: the tests only read counters
+UPSTREAMS = "127.0.0.1:3128,127.0.0.1:3129"  # never dialled: the tests only read counters
 
 
 def make_config(**values: object) -> Config:
