@@ -21,6 +21,13 @@ from handyproxy.upstream import UpstreamSet
 UPSTREAMS = "127.0.0.1:3128,127.0.0.1:3129"  # never dialled: the tests only read counters
 
 
+# Python 3.12+ warns about fork() beside the exporter's thread; the forwarder forks workers the
+# same way (the child only closes the exporter's socket and never touches the thread's state).
+FORK_BESIDE_THREAD = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
+
+
 def make_config(**values: object) -> Config:
     return config.build({"metrics-address": "127.0.0.1:0", "upstream-proxy": UPSTREAMS, **values})
 
@@ -254,6 +261,7 @@ def test_reloads_are_counted_by_result(exporter) -> None:
 # Several processes
 
 
+@FORK_BESIDE_THREAD
 def test_a_dead_workers_counters_stay_and_its_gauges_leave(exporter) -> None:
     cfg, url = exporter
     pid = os.fork()
@@ -284,6 +292,7 @@ def test_a_dead_workers_counters_stay_and_its_gauges_leave(exporter) -> None:
     assert "handyproxy_upstream_up" not in samples.names()
 
 
+@FORK_BESIDE_THREAD
 def test_the_exporter_socket_is_closed_in_a_forked_worker(exporter) -> None:
     cfg, _ = exporter
     listening = os.readlink(f"/proc/self/fd/{metrics._state.httpd.socket.fileno()}")
