@@ -377,10 +377,9 @@ record: Recorder | _Off = OFF
 class _State:
     """What ``prepare`` set up in the master (inherited by forked workers)."""
 
-    def __init__(self, path: str, owner: bool) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.owner = owner  # this process created the directory and removes it at the end
-        self.pid = os.getpid()
+        self.pid = os.getpid()  # the master: it removes the directory when the instance stops
         self.series = Series()
         self.workers: set[int] = set()
         self.reloads = {r: self.series.reloads.labels(r) for r in RELOAD_RESULTS}
@@ -405,9 +404,8 @@ def prepare(cfg: Config, fresh: bool = True) -> None:
             prefix="handyproxy-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY") or None
         )
         os.environ[ENV] = path
-        owner = True
-    else:  # the same master after execv: it still owns the directory
-        path, owner = inherited, True
+    else:  # the same master after execv: it goes on with its directory
+        path = inherited
     from prometheus_client import multiprocess, values
 
     # A new value class: it picks the directory up from the environment set above, and keeps
@@ -415,7 +413,7 @@ def prepare(cfg: Config, fresh: bool = True) -> None:
     values.ValueClass = values.MultiProcessValue()
     if not fresh:  # this PID's old image: its live gauges (its version) go
         multiprocess.mark_process_dead(os.getpid(), path)
-    _state = _State(path, owner)
+    _state = _State(path)
     _state.series.build_info.labels(__version__).set(1)
 
 
@@ -479,7 +477,7 @@ def shutdown(remove: bool = True) -> None:
     if state.httpd is not None:
         state.httpd.shutdown()
         state.httpd.server_close()
-    if remove and state.owner and state.pid == os.getpid():
+    if remove and state.pid == os.getpid():
         shutil.rmtree(state.path, ignore_errors=True)
         if os.environ.get(ENV) == state.path:
             del os.environ[ENV]
