@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from handyproxy import config, log, relay, systemd
+from handyproxy import config, log, metrics, relay, systemd
 from handyproxy.address import authority
 from handyproxy.config import Config
 from handyproxy.log import logger
@@ -150,6 +150,7 @@ class Server:
         channel = self.channel
         try:
             await self.hub.upstreams.start(loop)
+            metrics.attach(self.hub)
             self.start_accepting()
             if channel is not None:
                 loop.add_reader(channel.fileno(), self.on_message)
@@ -159,6 +160,7 @@ class Server:
             ticker.cancel()
             self.hub.upstreams.close()
             await self.shutdown()
+            metrics.record.tick(self.hub)  # the last figures, before the process ends
         finally:
             log.detach()
             for sig in _HANDLED_SIGNALS:
@@ -335,6 +337,7 @@ class Server:
             for tunnel in list(self.hub.tunnels):
                 if tunnel.relay is not None:
                     tunnel.relay.check_timers(now, idle, half)
+        metrics.record.tick(self.hub)
 
 
 def log_listening(listeners: list[socket.socket], cfg: Config, **fields: object) -> None:

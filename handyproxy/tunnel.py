@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from handyproxy import origdst
+from handyproxy import metrics, origdst
 from handyproxy.address import authority, unmap
 from handyproxy.config import Config
 from handyproxy.connect import ConnectError
@@ -169,7 +169,9 @@ class Tunnel:
             if peek and origdst.is_proxy_request(first):
                 self.refuse("proxy-request")
                 return
-            if not sniffing:
+            if sniffing:
+                metrics.record.sniffed(first, name)
+            else:
                 name = None
         if decided is UNDECIDED:
             decided = rules.decide(dst[0], dst[1], name)
@@ -184,7 +186,9 @@ class Tunnel:
         else:
             host = name or dst[0]
             self.target = authority(host, dst[1])
+            asked = hub.loop.time()
             opened = await upstreams.open(host, dst[1], rule.group if rule else DEFAULT_GROUP)
+            metrics.record.connected(hub.loop.time() - asked)
             self.upstream = up = opened.upstream
             self.via = up.name if up is not None else "-"
             self.status = opened.status
@@ -264,6 +268,7 @@ class Tunnel:
             hub.row.add(self.bucket, -1)
 
     def log(self, end: str, reason: str | None = None) -> None:
+        metrics.record.ended(self, end, reason)
         if not access.isEnabledFor(logging.INFO):
             return
         relay = self.relay

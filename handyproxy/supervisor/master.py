@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 
 import handyproxy
-from handyproxy import cli, log, server, systemd
+from handyproxy import cli, log, metrics, server, systemd
 from handyproxy.config import Config
 from handyproxy.log import logger
 from handyproxy.supervisor.channel import Channel
@@ -55,7 +55,7 @@ CHECK_TIMEOUT = 60.0
 TICK = 1.0
 EXIT_FAILED = 1
 #: Settings a running worker cannot take: a reload that changes one becomes an upgrade.
-FIXED_SETTINGS = ("local_port", "listen_address", "workers")
+FIXED_SETTINGS = ("local_port", "listen_address", "workers", "metrics_address")
 #: Blocked across the exec (the mask survives it): one arriving while the new interpreter
 #: starts stays pending until the new master handles it, instead of killing it.
 MASTER_SIGNALS = (
@@ -188,6 +188,7 @@ class Master:
             )
             self.workers[worker.pid] = worker
             self.selector.register(worker.channel.sock, selectors.EVENT_READ, worker)
+            metrics.worker_started(worker.pid)
         if state["control"] is not None:
             self.control = ControlServer(_adopt_socket(state["control"]), state["control_path"])
         if self.control is None or self.control.path != self.cfg.control_socket:
@@ -226,6 +227,7 @@ class Master:
         theirs.close()
         worker = Worker(pid, slot, row, self.generation, Channel(ours), time.monotonic())
         self.workers[pid] = worker
+        metrics.worker_started(pid)
         self.selector.register(worker.channel.sock, selectors.EVENT_READ, worker)
 
     def shares(self) -> list[list[socket.socket]]:
@@ -304,6 +306,7 @@ class Master:
             self.selector.unregister(worker.channel.sock)
             worker.channel.close()
         self.table.clear(worker.row)  # its tunnels died with it
+        metrics.worker_exited(worker.pid)
         how = describe(status)
         fields = {"pid": worker.pid, "status": how}
         op = self.operation
@@ -371,6 +374,8 @@ class Master:
         op = self.operation
         assert op is not None
         self.operation = None
+        if op.kind in ("reload", "upgrade"):
+            metrics.reloaded(not op.errors)
         if op.errors:
             text = f"{op.kind} failed: {'; '.join(op.errors)}"
         else:
@@ -530,6 +535,7 @@ class Master:
             os.environ[STATE_ENV] = json.dumps(state)
             for handler in logger.handlers:
                 handler.flush()
+            metrics.shutdown(remove=False)  # the next image serves them from the same directory
             os.execv(sys.executable, reexec_argv())
         except OSError as exc:
             os.environ.pop(STATE_ENV, None)
@@ -538,6 +544,8 @@ class Master:
                 os.set_inheritable(sock.fileno(), False)
                 sock.setblocking(False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+            with contextlib.suppress(OSError):
+                metrics.start_exporter(self.cfg)
             self.fail(f"exec failed: {exc}")
 
     # Stopping
@@ -686,7 +694,16 @@ def run(cfg: Config, argv: list[str]) -> int:
     cfg = server.usable_relay(cfg)
     master = Master(cfg, argv)
     try:
+        # Before any worker forks: they inherit where the figures go.
+        metrics.prepare(cfg, fresh=STATE_ENV not in os.environ)
+        metrics.start_exporter(cfg)
+    except OSError as exc:
+        logger.error(f"cannot serve metrics on {cfg.metrics_address}: {exc}")
+        return server.EXIT_STARTUP_FAILURE
+    try:
         return master.run()
     except server.StartupError as exc:
         logger.error(str(exc))
         return server.EXIT_STARTUP_FAILURE
+    finally:
+        metrics.shutdown()
