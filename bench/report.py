@@ -657,7 +657,7 @@ def profile_section(profiles: dict) -> str:
     out = [
         "\n## Where a tunnel's set-up CPU goes\n\n"
         "`python -m bench.profile` (run separately from the figures above, on the same lab, "
-        "one machine-load apart: each pair was taken back to back; they predate the merge of "
+        "taken back to back so each pair saw the same load; they predate the merge of "
         "the supervisor and metrics branches, so they compare this branch's changes on one base): "
         "one forwarder under `wrk -c32 -H 'Connection: close'` (one tunnel per request), "
         "sampled by `py-spy record --native` (Python and C frames, 250 Hz) and, in a second "
