@@ -544,8 +544,9 @@ class Master:
                 os.set_inheritable(sock.fileno(), False)
                 sock.setblocking(False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-            with contextlib.suppress(OSError):
-                metrics.start_exporter(self.cfg)
+            if metrics.enabled():
+                with contextlib.suppress(OSError):
+                    metrics.start_exporter(self.cfg)
             self.fail(f"exec failed: {exc}")
 
     # Stopping
@@ -694,9 +695,9 @@ def run(cfg: Config, argv: list[str]) -> int:
     cfg = server.usable_relay(cfg)
     master = Master(cfg, argv)
     try:
-        # Before any worker forks: they inherit where the figures go.
-        metrics.prepare(cfg, fresh=STATE_ENV not in os.environ)
-        metrics.start_exporter(cfg)
+        if cfg.metrics_address:  # before any worker forks: they inherit where the figures go
+            metrics.prepare(cfg, fresh=STATE_ENV not in os.environ)
+            metrics.start_exporter(cfg)
     except OSError as exc:
         logger.error(f"cannot serve metrics on {cfg.metrics_address}: {exc}")
         return server.EXIT_STARTUP_FAILURE
