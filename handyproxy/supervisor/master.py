@@ -544,8 +544,10 @@ class Master:
                 os.set_inheritable(sock.fileno(), False)
                 sock.setblocking(False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-            if metrics.enabled():
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                # shutdown() above forgot the state: take up the same directory again
+                metrics.prepare(self.cfg, fresh=False)
+                if metrics.enabled():
                     metrics.start_exporter(self.cfg)
             self.fail(f"exec failed: {exc}")
 
@@ -695,8 +697,9 @@ def run(cfg: Config, argv: list[str]) -> int:
     cfg = server.usable_relay(cfg)
     master = Master(cfg, argv)
     try:
-        if cfg.metrics_address:  # before any worker forks: they inherit where the figures go
-            metrics.prepare(cfg, fresh=STATE_ENV not in os.environ)
+        # Before any worker forks: they inherit where the figures go.
+        metrics.prepare(cfg, fresh=STATE_ENV not in os.environ)
+        if metrics.enabled():  # without -metrics-address there is nothing to serve
             metrics.start_exporter(cfg)
     except OSError as exc:
         logger.error(f"cannot serve metrics on {cfg.metrics_address}: {exc}")
