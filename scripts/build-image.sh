@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Build the Debian 12 + systemd base image the Molecule scenarios run on, offline from a registry.
+# Build a Debian + systemd base image the Molecule scenarios run on, offline from a registry.
+#
+# One image per supported Debian suite (the role supports Debian 12 "bookworm" and Debian 13
+# "trixie"): `scripts/build-image.sh [SUITE]` builds handyproxy-molecule:SUITE (default: bookworm).
 #
 # No image registry is reachable, so the image comes from debootstrap (Debian's archive is) and
 # `docker import`. Building takes a minute or two, so it is cached: the image carries a label with
@@ -7,8 +10,12 @@
 # the same hash exists. Set HANDYPROXY_IMAGE_REBUILD=1 to force a build.
 set -euo pipefail
 
-IMAGE=${HANDYPROXY_MOLECULE_IMAGE:-handyproxy-molecule:bookworm}
-SUITE=bookworm
+SUITE=${1:-bookworm}
+case $SUITE in
+    bookworm | trixie) ;;
+    *) printf 'build-image: unsupported suite %s (bookworm or trixie)\n' "$SUITE" >&2; exit 2 ;;
+esac
+IMAGE=handyproxy-molecule:$SUITE
 LABEL_KEY=org.handyproxy.molecule.recipe
 
 # What the scenarios need inside the containers: systemd as PID 1, Python for Ansible and the
