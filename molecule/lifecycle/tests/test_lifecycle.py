@@ -8,9 +8,12 @@ restart nftables.service and the container, and finally remove the role (vars/ab
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,72 @@ def test_first_inventory_is_served(host):
     assert_serving(host, BEFORE)
     for instance in BEFORE:
         PIDS[instance["name"]] = main_pid(host, instance["name"])
+    creds = host.file("/etc/handyproxy/credentials/switch/upstream-credentials")
+    assert (creds.user, creds.mode) == ("root", 0o600)
+
+
+def wheelhouse_copy(tmp_path: Path, keep: Callable[[str], bool], corrupt: str = "") -> Path:
+    """A copy of the scenario's wheelhouse with only the wheels `keep` accepts, and the hash
+    of the wheel named `corrupt` changed in SHA256SUMS."""
+    source = Path(helpers.host_vars(HOST_NAME)["handyproxy_wheelhouse_dir"])
+    target = tmp_path / "wheelhouse"
+    target.mkdir()
+    lines = []
+    for line in (source / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        if not keep(name):
+            continue
+        shutil.copy(source / name, target / name)
+        if name == corrupt:
+            digest = "0" * 64
+        lines.append(f"{digest}  {name}")
+    (target / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def host_python(host) -> str:
+    return host.check_output(
+        "/usr/bin/python3 -c %s", "import sys; print('%d.%d' % sys.version_info[:2])"
+    )
+
+
+@pytest.mark.parametrize("case", ["skip_user", "platform", "no_wheel", "bad_hash"])
+def test_preflight_refuses_before_anything_changes(host, tmp_path, case):
+    """Each refusal names the host and what is wrong, and the host is left exactly as it was."""
+    python = host_python(host)
+    arch = host.check_output("uname -m")
+    cp = "cp" + python.replace(".", "")
+    if case == "skip_user":
+        extra = {"handyproxy_output_skip_users": ["cntlm", "nosuchuser"]}
+        want = f"host {HOST_NAME}: handyproxy_output_skip_users: no user cntlm, nosuchuser"
+    elif case == "platform":
+        # The host's real release, refused by a role that pretends to support another one.
+        extra = {"_handyproxy_supported_platforms": {"Debian": ["11"]}}
+        release = host.check_output(". /etc/os-release && echo $VERSION_CODENAME")
+        want = f"({release}) with service manager systemd is not supported"
+    elif case == "no_wheel":
+        wheelhouse = wheelhouse_copy(tmp_path, lambda name: f"-{cp}-" not in name)
+        extra = {"handyproxy_wheelhouse_dir": str(wheelhouse)}
+        want = (
+            f"host {HOST_NAME}: no wheel in {wheelhouse} fits its Python {python}"
+            f" (/usr/bin/python3) on {arch} for uvloop"
+        )
+    else:
+        source = Path(helpers.host_vars(HOST_NAME)["handyproxy_wheelhouse_dir"])
+        (uvloop,) = [
+            name
+            for name in (source / "SHA256SUMS").read_text().split()
+            if name.startswith("uvloop-") and f"-{cp}-" in name and name.endswith(f"_{arch}.whl")
+        ]
+        wheelhouse = wheelhouse_copy(tmp_path, lambda name: True, corrupt=uvloop)
+        extra = {"handyproxy_wheelhouse_dir": str(wheelhouse)}
+        want = f"{uvloop} missing or not matching SHA256SUMS"
+    rc, changed, output = playbook("-e", json.dumps(extra))
+    assert rc != 0, output[-4000:]
+    assert want in " ".join(output.split()), output[-4000:]
+    assert changed == 0
+    assert_serving(host, BEFORE)
+    assert {i["name"]: main_pid(host, i["name"]) for i in BEFORE} == PIDS
 
 
 def test_check_mode_reports_the_change_and_changes_nothing(host):
@@ -103,6 +172,7 @@ def test_changed_inventory_converges(host):
     rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
     assert rc == 0, output[-4000:]
     assert changed > 0
+    assert "s3cret" not in output
 
 
 def test_changed_inventory_converges_again_without_changes(host):
@@ -119,12 +189,71 @@ def test_nothing_of_the_old_inventory_is_left(host):
     assert 'upstream-proxy = "198.51.100.12:8080"' in switch
     move = host.file("/etc/handyproxy/move.toml").content_string
     assert "local-port = 18013" in move
+    # switch lost its credentials: the secret and its drop-in went with them.
+    assert "upstream-credentials-file" not in switch
+    assert not host.file("/etc/handyproxy/credentials/switch").exists
+    assert not host.file("/etc/systemd/system/handyproxy@switch.service.d").exists
 
 
 def test_only_changed_instances_were_restarted(host):
     assert main_pid(host, "keep") == PIDS["keep"]
     assert main_pid(host, "switch") != PIDS["switch"]
     assert main_pid(host, "move") != PIDS["move"]
+
+
+def role_chains(host, tool: str) -> dict[str, list[str]]:
+    """The role's own iptables chains (HANDYPROXY_*) and their rules; Docker's are ignored."""
+    chains: dict[str, list[str]] = {}
+    for line in host.check_output("%s -w -t nat -S", tool).splitlines():
+        words = line.split()
+        if words[0] == "-N" and words[1].startswith("HANDYPROXY_"):
+            chains.setdefault(words[1], [])
+        elif words[0] == "-A" and words[1].startswith("HANDYPROXY_"):
+            chains.setdefault(words[1], []).append(line)
+    return chains
+
+
+def jumps_to_role_chains(host, tool: str) -> list[str]:
+    return [
+        line
+        for line in host.check_output("%s -w -t nat -S", tool).splitlines()
+        if line.startswith(("-A PREROUTING ", "-A OUTPUT ")) and "-j HANDYPROXY_" in line
+    ]
+
+
+def test_switch_to_iptables_replaces_the_table_with_the_roles_chains(host):
+    changed_vars = f"@{SCENARIO / 'vars' / 'changed.yml'}"
+    rc, changed, output = playbook("-e", changed_vars, "-e", "handyproxy_firewall_backend=iptables")
+    assert rc == 0, output[-4000:]
+    assert changed > 0
+    assert helpers.nft_table(host) is None, "the nftables table outlived the switch"
+    chains = role_chains(host, "iptables")
+    assert set(chains) == {"HANDYPROXY_PREROUTING", "HANDYPROXY_OUTPUT"}
+    redirects = [r for rules in chains.values() for r in rules if "REDIRECT" in r]
+    ports = sorted(int(r.split("--to-ports ")[1]) for r in redirects)
+    assert ports == sorted(
+        i["local_port"] for i in AFTER for c in i["capture"] if c["family"] in ("ipv4", "both")
+    )
+    assert sorted(jumps_to_role_chains(host, "iptables")) == [
+        "-A OUTPUT -j HANDYPROXY_OUTPUT",
+        "-A PREROUTING -j HANDYPROXY_PREROUTING",
+    ]
+    # keep captures both families: its IPv6 rule is in ip6tables.
+    v6 = role_chains(host, "ip6tables")
+    assert [r for r in v6["HANDYPROXY_OUTPUT"] if "REDIRECT" in r] == [
+        r for r in v6["HANDYPROXY_OUTPUT"] if "--comment keep" in r
+    ]
+
+
+def test_switch_back_to_nftables_leaves_no_role_chain(host):
+    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+    assert rc == 0, output[-4000:]
+    assert changed > 0
+    for tool in ("iptables", "ip6tables"):
+        assert role_chains(host, tool) == {}, tool
+        assert jumps_to_role_chains(host, tool) == [], tool
+    assert not host.file("/etc/systemd/system/handyproxy-iptables.service").exists
+    assert_serving(host, AFTER)
 
 
 def test_rules_come_back_after_nftables_restart(host):
@@ -160,6 +289,8 @@ def test_absent_removes_everything_and_leaves_other_rules_alone(host):
     rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'absent.yml'}")
     assert rc == 0, output[-4000:]
     assert changed > 0
+    # Not even "loop variable 'item' is already in use".
+    assert "[WARNING]" not in output, output[-6000:]
     assert helpers.nft_table(host) is None, "table inet handyproxy is still there"
     assert host.check_output("nft list table inet bystander") == before
     # Both exit 1 when nothing matches, which is the point.
