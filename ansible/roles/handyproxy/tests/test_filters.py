@@ -307,3 +307,17 @@ def test_checksum_mismatches_name_missing_and_different_wheels():
         {"item": {"file": "c.whl", "sha256": "1" * 64}, "stat": {"exists": False}},
     ]
     assert f.checksum_mismatches(results) == ["b.whl", "c.whl"]
+
+
+def test_the_example_inventory_passes_the_preflight():
+    """The README points operators at ansible/inventory/example: it must be sound as written."""
+    import yaml
+
+    example = Path(__file__).resolve().parents[3] / "inventory" / "example"
+    group = yaml.safe_load((example / "group_vars" / "handyproxy.yml").read_text())
+    for host_file in sorted((example / "host_vars").glob("*.yml")):
+        host = yaml.safe_load(host_file.read_text())
+        errors = f.preflight_errors(
+            host["handyproxy_instances"], group["handyproxy_instance_defaults"], host_file.stem
+        )
+        assert errors == [], errors
