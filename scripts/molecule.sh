@@ -49,8 +49,9 @@ t_setup=$SECONDS
 # 9>&-: a dockerd started from here must not inherit the lock, or it would hold it forever.
 bash "$ROOT/scripts/docker-setup.sh" 9>&-
 SUITES=${HANDYPROXY_SUITES:-bookworm trixie}
+declare -A image
 for suite in $SUITES; do
-    bash "$ROOT/scripts/build-image.sh" "$suite"
+    image[$suite]=$(bash "$ROOT/scripts/build-image.sh" "$suite")
 done
 
 # Containers or networks that a killed run left behind (we hold the lock, so none is in use).
@@ -88,8 +89,8 @@ declare -A took result
 runs=()
 failed=0
 for suite in $SUITES; do
-    # .config/molecule/config.yml picks the image handyproxy-molecule:$HANDYPROXY_SUITE.
-    export HANDYPROXY_SUITE=$suite
+    # .config/molecule/config.yml runs every container on this image.
+    export HANDYPROXY_MOLECULE_IMAGE=${image[$suite]}
     for s in "${scenarios[@]}"; do
         run="$s/$suite"
         runs+=("$run")
