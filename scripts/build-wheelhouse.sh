@@ -18,7 +18,8 @@
 # runtime pins).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ROOT=$REPO
 OUT=${WHEELHOUSE_DIR:-$ROOT/wheelhouse}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x $PYTHON ]] || PYTHON=python3
@@ -27,8 +28,6 @@ TARGET_ARCHES=${TARGET_ARCHES:-x86_64 aarch64}
 REQUIREMENTS=${REQUIREMENTS:-$ROOT/requirements.txt}
 # A fixed date: zip entries carry timestamps, and wheel honours SOURCE_DATE_EPOCH.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800}
-
-log() { printf 'build-wheelhouse: %s\n' "$*" >&2; }
 
 # The runtime pins (name==version), one a line, from the requirements file.
 runtime_pins() {

@@ -51,9 +51,13 @@ _config, _address, _spec, _IMPORT_ERROR = _import_forwarder()
 
 #: Inventory keys the role owns (the forwarder never sees them as such).
 ROLE_KEYS = ("name", "capture", "upstream_credentials")
-#: Forwarder options the role sets itself: the credentials file is the LoadCredential'd copy of
-#: upstream_credentials, so an inventory cannot point the service at a file on disk.
-ROLE_MANAGED_OPTIONS = {"upstream_credentials_file": "upstream_credentials"}
+#: Forwarder options the role sets itself, with what an inventory does instead: the
+#: credentials file is the LoadCredential'd copy of upstream_credentials (so an inventory cannot
+#: point the service at a file on disk), the control socket is the unit's (-control-socket).
+ROLE_MANAGED_OPTIONS = {
+    "upstream_credentials_file": "set upstream_credentials instead",
+    "control_socket": "the unit sets it: /run/handyproxy/NAME/control",
+}
 #: Options without a forwarder default worth writing: the instance must set them.
 REQUIRED_OPTIONS = ("local_port", "upstream_proxy")
 CAPTURE_KEYS = {"chain", "family", "interfaces", "sources", "ports", "exclude"}
@@ -280,7 +284,7 @@ def _check_instance(instance: Any, position: int) -> tuple[str, list[str]]:
     known = set(instance_keys())
     errors = []
     for key in sorted(set(instance) - known):
-        hint = f" (set {ROLE_MANAGED_OPTIONS[key]} instead)" if key in ROLE_MANAGED_OPTIONS else ""
+        hint = f" ({ROLE_MANAGED_OPTIONS[key]})" if key in ROLE_MANAGED_OPTIONS else ""
         errors.append(f"{key}: unknown field{hint}")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         errors.append(f"name: {name!r} is required and must match [a-z0-9_-]+")
@@ -352,6 +356,43 @@ def preflight_errors(instances: Any, defaults: Any, host: str) -> list[str]:
                     f"host {host}: {label}: local_port: {port} is already used by {ports[port]}"
                 )
             ports.setdefault(port, f"handyproxy_instances[{position}] ({name!r})")
+    errors += _metrics_port_clashes(merge_instances(instances, defaults), ports, host)
+    return errors
+
+
+def _metrics_port_clashes(
+    merged: list[dict[str, Any]], ports: dict[Any, str], host: str
+) -> list[str]:
+    """Metrics ports, once every local port is known: one may not take another's port.
+
+    The address itself is the forwarder's to judge (its Config); this is about the host.
+    """
+    errors = []
+    taken: dict[int, str] = {}
+    for position, instance in enumerate(merged):
+        try:
+            _, port = _address.split_hostport(
+                str(instance.get("metrics_address") or ""), kernel_port=True
+            )
+        except ValueError:
+            continue  # empty (off) or malformed: the latter is reported with the options
+        name = instance.get("name")
+        label = f"instance {name!r}" if isinstance(name, str) and name else f"[{position}]"
+        if port == 0:
+            # The forwarder takes it (the kernel picks); a fleet's scrape target cannot.
+            errors.append(
+                f"host {host}: {label}: metrics_address: port 0 lets the kernel pick one; a"
+                " scrape target needs a fixed port"
+            )
+            continue
+        other = ports.get(port) or taken.get(port)
+        if other:
+            what = "local_port" if port in ports else "metrics_address"
+            errors.append(
+                f"host {host}: {label}: metrics_address: port {port} is already the {what} of"
+                f" {other}"
+            )
+        taken.setdefault(port, f"handyproxy_instances[{position}] ({name!r})")
     return errors
 
 
