@@ -544,8 +544,10 @@ class Master:
                 os.set_inheritable(sock.fileno(), False)
                 sock.setblocking(False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-            if metrics.enabled():
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                # shutdown() above forgot the state: take up the same directory again
+                metrics.prepare(self.cfg, fresh=False)
+                if metrics.enabled():
                     metrics.start_exporter(self.cfg)
             self.fail(f"exec failed: {exc}")
 
@@ -697,7 +699,7 @@ def run(cfg: Config, argv: list[str]) -> int:
     try:
         # Before any worker forks: they inherit where the figures go.
         metrics.prepare(cfg, fresh=STATE_ENV not in os.environ)
-        if metrics.enabled():  # no -metrics-address: nothing to serve
+        if metrics.enabled():  # without -metrics-address there is nothing to serve
             metrics.start_exporter(cfg)
     except OSError as exc:
         logger.error(f"cannot serve metrics on {cfg.metrics_address}: {exc}")
