@@ -43,6 +43,10 @@ def usage() -> str:
         shown = value if f.metadata["kind"] in ("str", "int") else config.display(name, value)
         lines.append(f"  -{name:<24} {f.metadata['help']} (default {shown!r})")
     lines.append(f"  -{'config FILE':<24} TOML file with the settings above; flags win")
+    lines.append(
+        f"  -{'check-config FILE':<24} check FILE (and the flags) as -config would, then exit: "
+        "0 when the forwarder would start with it, 2 naming the field and the reason"
+    )
     lines.append(f"  -{'version':<24} print the version and exit")
     return "\n".join(lines)
 
@@ -52,6 +56,7 @@ def parse_args(argv: list[str]) -> config.Config:
     known = set(config.option_names())
     given: dict[str, Any] = {}
     config_path: str | None = None
+    check_only = False
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -63,9 +68,10 @@ def parse_args(argv: list[str]) -> config.Config:
             raise _HelpRequested
         if name == "version":
             raise _VersionRequested
-        if name != "config" and name not in known:
+        file_flag = name in ("config", "check-config")
+        if not file_flag and name not in known:
             raise UsageError(f"-{name}", "unknown flag (see -help)")
-        kind = config.kind(name) if name != "config" else "str"
+        kind = "str" if file_flag else config.kind(name)
         if not eq:
             if kind == "bool":  # Go's flag: a bare boolean flag means true
                 value = "true"
@@ -73,8 +79,11 @@ def parse_args(argv: list[str]) -> config.Config:
                 raise UsageError(f"-{name}", "missing value")
             else:
                 value = args.pop(0)
-        if name == "config":
+        if file_flag:
+            if config_path is not None and config_path != value:
+                raise UsageError(f"-{name}", "only one -config or -check-config file")
             config_path = value
+            check_only = check_only or name == "check-config"
             continue
         try:
             converted = config.convert(name, value)
@@ -92,7 +101,7 @@ def parse_args(argv: list[str]) -> config.Config:
             raise UsageError(where, exc.reason) from None
     values.update(given)
     try:
-        return config.build(values)
+        cfg = config.build(values)
     except config.ConfigError as exc:
         where = (
             f"-{exc.field}"
@@ -100,6 +109,22 @@ def parse_args(argv: list[str]) -> config.Config:
             else (f"{config_path}: {exc.field}")
         )
         raise UsageError(where, exc.reason) from None
+    if check_only:
+        raise _ConfigChecked(config_path or "")
+    return cfg
+
+
+class _ConfigChecked(Exception):
+    """``-check-config FILE`` found nothing wrong: say so and stop without running.
+
+    The checks are the very ones a start makes (the same parse, the same ``validate()``, the
+    credentials file read), so a file that passes is one the forwarder starts with; the role
+    runs it as ``validate:`` before an instance's file is replaced.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
 
 
 class _VersionRequested(Exception):
@@ -129,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except _HelpRequested:
         print(usage())
+        return 0
+    except _ConfigChecked as checked:
+        print(f"handyproxy: {checked.path}: configuration is valid")
         return 0
     except UsageError as exc:
         print(f"handyproxy: {exc}", file=sys.stderr)

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Build the Debian 12 + systemd base image the Molecule scenarios run on, offline from a registry.
+# Build a Debian + systemd base image the Molecule scenarios run on, offline from a registry.
+#
+# One image per supported Debian suite (the role supports Debian 12 "bookworm" and Debian 13
+# "trixie"): `scripts/build-image.sh [SUITE]` builds handyproxy-molecule:SUITE-RECIPE (default: bookworm).
 #
 # No image registry is reachable, so the image comes from debootstrap (Debian's archive is) and
 # `docker import`. Building takes a minute or two, so it is cached: the image carries a label with
@@ -8,16 +11,24 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-IMAGE=${HANDYPROXY_MOLECULE_IMAGE:-handyproxy-molecule:bookworm}
-SUITE=bookworm
+SUITE=${1:-bookworm}
+case $SUITE in
+    bookworm | trixie) ;;
+    *) printf 'build-image: unsupported suite %s (bookworm or trixie)\n' "$SUITE" >&2; exit 2 ;;
+esac
+# The tag carries the recipe hash too (handyproxy-molecule:SUITE-HASH), so checkouts with
+# different package lists on one machine each keep their own image instead of rebuilding each
+# other's; the name is printed on stdout for scripts/molecule.sh.
+IMAGE_REPO=handyproxy-molecule
 LABEL_KEY=org.handyproxy.molecule.recipe
 
 # What the scenarios need inside the containers: systemd as PID 1, Python for Ansible and the
 # forwarder's venv, netfilter tools for the role, curl/openssl for the traffic checks, tinyproxy
-# as the upstream proxy, procps/iputils for debugging a failed run.
+# as the upstream proxy, procps/iputils for debugging a failed run; python3-packaging because
+# the role installs with ansible.builtin.pip, which needs it.
 PACKAGES=(
     systemd systemd-sysv dbus
-    python3 python3-venv python3-apt
+    python3 python3-venv python3-apt python3-packaging
     iproute2 nftables iptables
     curl ca-certificates openssl
     tinyproxy procps sudo iputils-ping
@@ -71,12 +82,14 @@ customise_rootfs() {
 main() {
     local want
     want=$(recipe_hash)
+    IMAGE=$IMAGE_REPO:$SUITE-$want
     if [[ ${HANDYPROXY_IMAGE_REBUILD:-0} != 1 ]]; then
         local have
         have=$(docker image inspect -f "{{ index .Config.Labels \"$LABEL_KEY\" }}" "$IMAGE" \
             2>/dev/null || true)
         if [[ $have == "$want" ]]; then
             log "$IMAGE is current (recipe $want)"
+            echo "$IMAGE"
             return 0
         fi
     fi
@@ -109,6 +122,7 @@ main() {
         -c "LABEL $LABEL_KEY=$want" \
         - "$IMAGE" >/dev/null
     log "built $IMAGE in $((SECONDS - t0))s"
+    echo "$IMAGE"
 }
 
 main "$@"

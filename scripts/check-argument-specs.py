@@ -7,12 +7,17 @@ role README (for people). A variable added to one and forgotten in another is a 
 this check compares them: the same keys in the same order, the same default values, a
 description for every option, and every variable named in the README.
 
+An instance's options are the forwarder's (handyproxy.config) plus the role's own keys, as the
+role's filter plugin lists them; the argument spec and the README's instance table must name
+exactly those, so an option added to the forwarder fails this check until the role documents it.
+
 Usage: scripts/check-argument-specs.py [ROLE_DIR]   (default: ansible/roles/handyproxy)
 Exit status 0 when they agree, 1 with one line per mismatch otherwise.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,42 @@ def options_without_description(options: dict[str, Any], prefix: str = "") -> li
         if isinstance(spec.get("options"), dict):
             missing += options_without_description(spec["options"], f"{prefix}{name}.")
     return missing
+
+
+def role_filters(role: Path) -> Any:
+    """The role's filter plugin, imported from its file (it imports handyproxy.config)."""
+    path = role / "filter_plugins" / "handyproxy.py"
+    spec = importlib.util.spec_from_file_location("handyproxy_role_filters", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_instance_options(role: Path, options: dict[str, Any], readme: str) -> list[str]:
+    """The instance keys of the argument spec and README against the forwarder's options."""
+    filters = role_filters(role)
+    want = filters.instance_keys()
+    instances = options.get("handyproxy_instances") or {}
+    have = list(instances.get("options") or {})
+    problems = [
+        f"handyproxy_instances.{key}: a forwarder option (handyproxy.config) or role key"
+        " missing from meta/argument_specs.yml"
+        for key in want
+        if key not in have
+    ]
+    problems += [
+        f"handyproxy_instances.{key}: in meta/argument_specs.yml but neither a forwarder option"
+        " nor a role key"
+        for key in have
+        if key not in want
+    ]
+    problems += [
+        f"handyproxy_instances.{key}: not in the README's instance table"
+        for key in want
+        if f"| `{key}` |" not in readme
+    ]
+    return problems
 
 
 def check(role: Path) -> list[str]:
@@ -81,6 +122,7 @@ def check(role: Path) -> list[str]:
         f"{name}: no description in meta/argument_specs.yml"
         for name in options_without_description(options)
     ]
+    problems += check_instance_options(role, options, readme)
     return problems
 
 

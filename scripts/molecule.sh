@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Run every Molecule scenario (molecule/*/molecule.yml) against real systemd containers.
+# Run every Molecule scenario (molecule/*/molecule.yml) against real systemd containers, once per
+# supported Debian suite.
 #
 # The one entry point the test command calls. It makes sure Docker runs (scripts/docker-setup.sh),
-# the base image exists (scripts/build-image.sh, cached), and the wheelhouse the role installs from
-# is built from this checkout (scripts/build-wheelhouse.sh); then it runs `molecule test` for each
-# scenario in turn with the venv's tools and prints how long each took. Exit status: non-zero when
-# any step or scenario failed.
+# the base image of each suite exists (scripts/build-image.sh SUITE, cached), and the wheelhouse
+# the role installs from is built from this checkout (scripts/build-wheelhouse.sh); then it runs
+# `molecule test` for each suite and scenario in turn with the venv's tools and prints how long
+# each took. Exit status: non-zero when any step or scenario failed.
 #
 # Usage: scripts/molecule.sh [SCENARIO...]      (default: every scenario under molecule/)
 # Environment: VENV (default <repo>/.venv), HPM_ID (suffix of container and network names;
-# default random), MOLECULE_ARGS (extra arguments for `molecule test`, e.g. --destroy=never).
+# default random), MOLECULE_ARGS (extra arguments for `molecule test`, e.g. --destroy=never),
+# HANDYPROXY_SUITES (the Debian suites to run on; default "bookworm trixie", the supported ones).
 set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -44,7 +46,11 @@ fi
 t_setup=$SECONDS
 # 9>&-: a dockerd started from here must not inherit the lock, or it would hold it forever.
 bash "$ROOT/scripts/docker-setup.sh" 9>&-
-bash "$ROOT/scripts/build-image.sh"
+SUITES=${HANDYPROXY_SUITES:-bookworm trixie}
+declare -A image
+for suite in $SUITES; do
+    image[$suite]=$(bash "$ROOT/scripts/build-image.sh" "$suite")
+done
 
 # Containers or networks that a killed run left behind (we hold the lock, so none is in use).
 stale=$(docker ps -aq --filter label=org.handyproxy.molecule)
@@ -78,27 +84,34 @@ else
 fi
 
 declare -A took result
+runs=()
 failed=0
-for s in "${scenarios[@]}"; do
-    log "scenario $s: molecule test (HPM_ID=$HPM_ID)"
-    t0=$SECONDS
-    # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
-    if molecule test -s "$s" ${MOLECULE_ARGS:-}; then
-        result[$s]=passed
-    else
-        result[$s]=FAILED
-        failed=1
-    fi
-    took[$s]=$((SECONDS - t0))
-    log "scenario $s: ${result[$s]} in ${took[$s]}s"
+for suite in $SUITES; do
+    # .config/molecule/config.yml runs every container on this image.
+    export HANDYPROXY_MOLECULE_IMAGE=${image[$suite]}
+    for s in "${scenarios[@]}"; do
+        run="$s/$suite"
+        runs+=("$run")
+        log "scenario $s on $suite: molecule test (HPM_ID=$HPM_ID)"
+        t0=$SECONDS
+        # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
+        if molecule test -s "$s" ${MOLECULE_ARGS:-}; then
+            result[$run]=passed
+        else
+            result[$run]=FAILED
+            failed=1
+        fi
+        took[$run]=$((SECONDS - t0))
+        log "scenario $s on $suite: ${result[$run]} in ${took[$run]}s"
+    done
 done
 
 log "summary:"
 passed=0
-for s in "${scenarios[@]}"; do
-    printf 'molecule.sh:   %-10s %-7s %4ss\n' "$s" "${result[$s]}" "${took[$s]}" >&2
-    [[ ${result[$s]} == passed ]] && passed=$((passed + 1))
+for run in "${runs[@]}"; do
+    printf 'molecule.sh:   %-20s %-7s %4ss\n' "$run" "${result[$run]}" "${took[$run]}" >&2
+    [[ ${result[$run]} == passed ]] && passed=$((passed + 1))
 done
 # The plain closing line CI reads: N passed, N failed.
-echo "molecule: ${passed} passed, $((${#scenarios[@]} - passed)) failed"
+echo "molecule: ${passed} passed, $((${#runs[@]} - passed)) failed"
 exit "$failed"

@@ -438,3 +438,44 @@ def test_bad_upstream_settings_name_the_flag(argv: list[str], flag: str) -> None
     with pytest.raises(cli.UsageError) as info:
         cli.parse_args(argv)
     assert info.value.flag == flag
+
+
+def test_check_config_accepts_a_good_file_without_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "lan.toml"
+    path.write_text('local-port = 3130\nupstream-proxy = ["a.corp:3128", "b.corp:3128"]\n')
+    assert cli.main(["-check-config", str(path)]) == 0
+    assert capsys.readouterr().out == f"handyproxy: {path}: configuration is valid\n"
+
+
+def test_check_config_names_the_field_and_reason_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "lan.toml"
+    path.write_text('upstream-proxy = "a.corp:3128"\nupstream-policy = "random"\n')
+    assert cli.main(["-check-config", str(path)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"handyproxy: {path}: upstream-policy: must be one of failover")
+
+
+def test_check_config_reads_a_relative_credentials_file_under_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the role's validate: does with a LoadCredential'd file before the unit sees it."""
+    path = tmp_path / "lan.toml"
+    path.write_text('upstream-credentials-file = "upstream-credentials"\n')
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert cli.main(["-check-config", str(path)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{creds}/upstream-credentials: cannot read" in err
+    (creds / "upstream-credentials").write_text("alice:s3cret\n")
+    assert cli.main(["-check-config", str(path)]) == 0
+    assert "s3cret" not in capsys.readouterr().err
+
+
+def test_check_config_and_config_with_different_files_is_refused() -> None:
+    with pytest.raises(cli.UsageError, match="only one -config or -check-config"):
+        cli.parse_args(["-config", "a.toml", "-check-config", "b.toml"])

@@ -71,10 +71,12 @@ def test_table_holds_exactly_the_expected_rules(host):
     )
     uid = host.user("handyproxy").uid
     output_guards = {str(rule) for rule in table.in_chain("output") if rule.verdict == "return"}
+    # Every upstream of every instance, the dead one too, whoever talks to it.
+    upstreams = "{" + ",".join(sorted([LAB["dead4"], LAB["proxy_front4"]])) + "}"
     assert output_guards == {
         f"output: [any] meta skuid == {uid} return comment=''",
         "output: [any] fib daddr type == local return comment=''",
-        f"output: [ipv4] ip daddr == {LAB['proxy_front4']} return comment=''",
+        f"output: [ipv4] ip daddr == {upstreams} return comment=''",
     }
     # The guards come before every redirect, or the forwarder's own connections would loop.
     verdicts = [rule.verdict for rule in table.in_chain("output")]
@@ -97,7 +99,44 @@ def test_instance_config_file_is_private_to_the_service(host, name):
     assert config.mode & 0o007 == 0, oct(config.mode)
     assert f"local-port = {PORTS[name]}" in config.content_string
     instance = next(i for i in INSTANCES if i["name"] == name)
-    assert f'upstream-proxy = "{instance["upstream_proxy"]}"' in config.content_string
+    upstreams = instance["upstream_proxy"]
+    assert f"upstream-proxy = {json.dumps(upstreams)}" in config.content_string
+    # The forwarder itself accepts the file the role wrote.
+    checked = host.run(
+        "env CREDENTIALS_DIRECTORY=/etc/handyproxy/credentials/%s"
+        " /opt/handyproxy/venv/bin/handyproxy -check-config /etc/handyproxy/%s.toml",
+        name,
+        name,
+    )
+    assert checked.rc == 0, checked.stderr
+
+
+def test_options_the_old_role_refused_reach_the_forwarder(host):
+    """relay, several upstreams, the policy and rules: the forwarder's options, per instance."""
+    web = host.file("/etc/handyproxy/web.toml").content_string
+    assert 'relay = "copy"' in web
+    assert 'upstream-policy = "failover"' in web
+    assert 'rule = ["port=8080 reject"]' in web
+
+
+def test_upstream_credentials_are_root_only_and_never_in_the_toml_or_journal(host):
+    secret = "s3cret-beta"
+    creds = host.file("/etc/handyproxy/credentials/tls/upstream-credentials")
+    assert (creds.user, creds.group, creds.mode) == ("root", "root", 0o600)
+    assert host.file("/etc/handyproxy/credentials").mode == 0o700
+    assert creds.content_string == f"alice:{secret}\n"
+    toml = host.file("/etc/handyproxy/tls.toml").content_string
+    assert 'upstream-credentials-file = "upstream-credentials"' in toml
+    assert secret not in toml
+    dropin = host.file("/etc/systemd/system/handyproxy@tls.service.d/credentials.conf")
+    assert (
+        "LoadCredential=upstream-credentials:/etc/handyproxy/credentials/tls/upstream-credentials"
+        in dropin.content_string
+    )
+    # The instance without credentials gets no drop-in.
+    assert not host.file("/etc/systemd/system/handyproxy@web.service.d").exists
+    journal = host.check_output("journalctl --no-pager -o cat")
+    assert secret not in journal
 
 
 def test_installed_files_have_safe_owners_and_modes(host):
@@ -124,7 +163,7 @@ def test_service_user_is_a_locked_system_account(host):
     assert user.shell in ("/usr/sbin/nologin", "/bin/false")
 
 
-def test_plain_http_from_the_host_goes_through_the_first_upstream(host, proxy):
+def test_plain_http_from_the_host_fails_over_to_the_live_upstream(host, proxy):
     origin = LAB["origin4"]
     peer = host.check_output("curl -sS --max-time 15 http://%s/whoami", origin)
     # The origin saw the proxy's address on the back network, not the host's.
@@ -134,7 +173,7 @@ def test_plain_http_from_the_host_goes_through_the_first_upstream(host, proxy):
     assert f"CONNECT {origin}:80 " not in proxy.run("cat /var/log/tinyproxy/beta.log").stdout
 
 
-def test_https_by_name_goes_through_the_second_upstream_as_a_sniffed_name(host, proxy):
+def test_https_by_name_goes_through_the_authenticating_upstream_as_a_sniffed_name(host, proxy):
     origin = LAB["origin4"]
     peer = host.check_output(
         "curl -sS --max-time 15 -k --resolve origin.test:443:%s https://origin.test/whoami",
@@ -167,7 +206,7 @@ def test_forwarder_logs_one_access_record_per_tunnel(host):
         "origin.test:443",
         f"[{LAB['origin6']}]:443",
     }
-    # The record names the upstream that carried the tunnel (the web instance has one: alpha).
+    # The record names the upstream that carried the tunnel (web's live one: alpha).
     wanted = (
         f"dst={LAB['origin4']}:80 target={LAB['origin4']}:80 "
         f"upstream={LAB['proxy_front4']}:3128 status=200"

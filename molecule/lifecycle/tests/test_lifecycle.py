@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,72 @@ def test_first_inventory_is_served(host):
     for instance in BEFORE:
         PIDS[instance["name"]] = main_pid(host, instance["name"])
         STARTED[instance["name"]] = start_stamp(host, instance["name"])
+    creds = host.file("/etc/handyproxy/credentials/drop/upstream-credentials")
+    assert (creds.user, creds.mode) == ("root", 0o600)
+
+
+def wheelhouse_copy(tmp_path: Path, keep: Callable[[str], bool], corrupt: str = "") -> Path:
+    """A copy of the scenario's wheelhouse with only the wheels `keep` accepts, and the hash
+    of the wheel named `corrupt` changed in SHA256SUMS."""
+    source = Path(helpers.host_vars(HOST_NAME)["handyproxy_wheelhouse_dir"])
+    target = tmp_path / "wheelhouse"
+    target.mkdir()
+    lines = []
+    for line in (source / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        if not keep(name):
+            continue
+        shutil.copy(source / name, target / name)
+        if name == corrupt:
+            digest = "0" * 64
+        lines.append(f"{digest}  {name}")
+    (target / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def host_python(host) -> str:
+    return host.check_output(
+        "/usr/bin/python3 -c %s", "import sys; print('%d.%d' % sys.version_info[:2])"
+    )
+
+
+@pytest.mark.parametrize("case", ["skip_user", "platform", "no_wheel", "bad_hash"])
+def test_preflight_refuses_before_anything_changes(host, tmp_path, case):
+    """Each refusal names the host and what is wrong, and the host is left exactly as it was."""
+    python = host_python(host)
+    arch = host.check_output("uname -m")
+    cp = "cp" + python.replace(".", "")
+    if case == "skip_user":
+        extra = {"handyproxy_output_skip_users": ["cntlm", "nosuchuser"]}
+        want = f"host {HOST_NAME}: handyproxy_output_skip_users: no user cntlm, nosuchuser"
+    elif case == "platform":
+        # The host's real release, refused by a role that pretends to support another one.
+        extra = {"_handyproxy_supported_platforms": {"Debian": ["11"]}}
+        release = host.check_output(". /etc/os-release && echo $VERSION_CODENAME")
+        want = f"({release}) with service manager systemd is not supported"
+    elif case == "no_wheel":
+        wheelhouse = wheelhouse_copy(tmp_path, lambda name: f"-{cp}-" not in name)
+        extra = {"handyproxy_wheelhouse_dir": str(wheelhouse)}
+        want = (
+            f"host {HOST_NAME}: no wheel in {wheelhouse} fits its Python {python}"
+            f" (/usr/bin/python3) on {arch} for uvloop"
+        )
+    else:
+        source = Path(helpers.host_vars(HOST_NAME)["handyproxy_wheelhouse_dir"])
+        (uvloop,) = [
+            name
+            for name in (source / "SHA256SUMS").read_text().split()
+            if name.startswith("uvloop-") and f"-{cp}-" in name and name.endswith(f"_{arch}.whl")
+        ]
+        wheelhouse = wheelhouse_copy(tmp_path, lambda name: True, corrupt=uvloop)
+        extra = {"handyproxy_wheelhouse_dir": str(wheelhouse)}
+        want = f"{uvloop} missing or not matching SHA256SUMS"
+    rc, changed, output = playbook("-e", json.dumps(extra))
+    assert rc != 0, output[-4000:]
+    assert want in " ".join(output.split()), output[-4000:]
+    assert changed == 0
+    assert_serving(host, BEFORE)
+    assert {i["name"]: main_pid(host, i["name"]) for i in BEFORE} == PIDS
 
 
 def test_check_mode_reports_the_change_and_changes_nothing(host):
@@ -184,6 +251,7 @@ def test_changed_inventory_converges_under_load_refusing_and_truncating_nothing(
     records = host.check_output("journalctl --no-pager -o cat -u handyproxy@switch.service")
     assert f"upstream={BETA} " in records  # new tunnels took the new upstream
     assert f"upstream={ALPHA} " in records  # the held downloads kept theirs
+    assert "s3cret" not in output
 
 
 def test_changed_inventory_converges_again_without_changes(host):
@@ -200,6 +268,9 @@ def test_nothing_of_the_old_inventory_is_left(host):
     assert f'upstream-proxy = "{BETA}"' in switch
     move = host.file("/etc/handyproxy/move.toml").content_string
     assert "local-port = 18013" in move
+    # drop's credentials and drop-in went with it.
+    assert not host.file("/etc/handyproxy/credentials/drop").exists
+    assert not host.file("/etc/systemd/system/handyproxy@drop.service.d").exists
 
 
 def test_changed_instances_were_reloaded_not_restarted(host):
@@ -232,7 +303,13 @@ def test_a_wheel_upgrade_under_load_refuses_truncates_and_restarts_nothing(host,
     wheelhouse = tmp_path / "wheelhouse"
     subprocess.run(
         ["bash", str(src / "scripts" / "build-wheelhouse.sh")],
-        env={**os.environ, "WHEELHOUSE_DIR": str(wheelhouse)},
+        # The host's Python and architecture only: the fleet's other wheels are not needed here.
+        env={
+            **os.environ,
+            "WHEELHOUSE_DIR": str(wheelhouse),
+            "TARGET_PYTHON_VERSIONS": host_python(host),
+            "TARGET_ARCHES": host.check_output("uname -m"),
+        },
         check=True,
         capture_output=True,
         timeout=300,
@@ -258,6 +335,60 @@ def test_a_wheel_upgrade_under_load_refuses_truncates_and_restarts_nothing(host,
             f"/run/handyproxy/{name}/control",
         )
         assert status.startswith(f"handyproxy: ok handyproxy {bumped}:"), status
+
+
+def role_chains(host, tool: str) -> dict[str, list[str]]:
+    """The role's own iptables chains (HANDYPROXY_*) and their rules; Docker's are ignored."""
+    chains: dict[str, list[str]] = {}
+    for line in host.check_output("%s -w -t nat -S", tool).splitlines():
+        words = line.split()
+        if words[0] == "-N" and words[1].startswith("HANDYPROXY_"):
+            chains.setdefault(words[1], [])
+        elif words[0] == "-A" and words[1].startswith("HANDYPROXY_"):
+            chains.setdefault(words[1], []).append(line)
+    return chains
+
+
+def jumps_to_role_chains(host, tool: str) -> list[str]:
+    return [
+        line
+        for line in host.check_output("%s -w -t nat -S", tool).splitlines()
+        if line.startswith(("-A PREROUTING ", "-A OUTPUT ")) and "-j HANDYPROXY_" in line
+    ]
+
+
+def test_switch_to_iptables_replaces_the_table_with_the_roles_chains(host):
+    changed_vars = f"@{SCENARIO / 'vars' / 'changed.yml'}"
+    rc, changed, output = playbook("-e", changed_vars, "-e", "handyproxy_firewall_backend=iptables")
+    assert rc == 0, output[-4000:]
+    assert changed > 0
+    assert helpers.nft_table(host) is None, "the nftables table outlived the switch"
+    chains = role_chains(host, "iptables")
+    assert set(chains) == {"HANDYPROXY_PREROUTING", "HANDYPROXY_OUTPUT"}
+    redirects = [r for rules in chains.values() for r in rules if "REDIRECT" in r]
+    ports = sorted(int(r.split("--to-ports ")[1]) for r in redirects)
+    assert ports == sorted(
+        i["local_port"] for i in AFTER for c in i["capture"] if c["family"] in ("ipv4", "both")
+    )
+    assert sorted(jumps_to_role_chains(host, "iptables")) == [
+        "-A OUTPUT -j HANDYPROXY_OUTPUT",
+        "-A PREROUTING -j HANDYPROXY_PREROUTING",
+    ]
+    # keep captures both families: its IPv6 rule, the only one, is in ip6tables.
+    v6 = role_chains(host, "ip6tables")
+    (redirect,) = [r for rules in v6.values() for r in rules if "REDIRECT" in r]
+    assert "--comment keep" in redirect and "--to-ports 18001" in redirect
+
+
+def test_switch_back_to_nftables_leaves_no_role_chain(host):
+    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+    assert rc == 0, output[-4000:]
+    assert changed > 0
+    for tool in ("iptables", "ip6tables"):
+        assert role_chains(host, tool) == {}, tool
+        assert jumps_to_role_chains(host, tool) == [], tool
+    assert not host.file("/etc/systemd/system/handyproxy-iptables.service").exists
+    assert_serving(host, AFTER)
 
 
 def test_rules_come_back_after_nftables_restart(host):
@@ -293,6 +424,8 @@ def test_absent_removes_everything_and_leaves_other_rules_alone(host):
     rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'absent.yml'}")
     assert rc == 0, output[-4000:]
     assert changed > 0
+    # Not even "loop variable 'item' is already in use".
+    assert "[WARNING]" not in output, output[-6000:]
     assert helpers.nft_table(host) is None, "table inet handyproxy is still there"
     assert host.check_output("nft list table inet bystander") == before
     # Both exit 1 when nothing matches, which is the point.

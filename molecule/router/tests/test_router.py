@@ -144,3 +144,23 @@ def test_origin_is_unreachable_from_the_router_itself(host):
     # Only the proxy reaches the origin; the router's own traffic is not captured here.
     result = host.run("curl -sS --max-time 5 http://%s/", LAB["origin4"])
     assert result.rc != 0
+
+
+def test_forwarder_came_from_the_package_index_with_checked_hashes(host, proxy):
+    """The `index` install method: pip on the router fetched handyproxy and uvloop from the
+    PEP 503 index the proxy container serves (its access log shows the downloads), and no
+    wheelhouse was pushed."""
+    assert not host.file("/opt/handyproxy/wheelhouse").exists
+    assert not host.file("/opt/handyproxy/requirements.txt").exists
+    log = proxy.check_output("journalctl --no-pager -o cat -u package-index.service")
+    assert "GET /simple/handyproxy/ " in log
+    assert "GET /simple/uvloop/ " in log
+    python = host.check_output(
+        "/opt/handyproxy/venv/bin/python -c %s",
+        "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')",
+    )
+    # The uvloop wheel for the router's own Python, out of the index's eight.
+    fetched = [line for line in log.splitlines() if "GET /files/uvloop-" in line]
+    assert fetched and all(f"-{python}-{python}-" in line for line in fetched), fetched
+    freeze = host.check_output("/opt/handyproxy/venv/bin/pip freeze --all")
+    assert "handyproxy==" in freeze and "uvloop==" in freeze

@@ -1,61 +1,109 @@
-"""Filters of the handyproxy role: inventory checks and capture-rule expansion.
+"""Filters of the handyproxy role: inventory checks, wheel selection and capture-rule expansion.
 
-Why Python and not Jinja: the preflight has to parse CIDRs, IP literals, `host:port` upstreams and
-Go durations, and report every mistake with the host, the instance and the field at once. Only
-ansible.builtin, ansible.posix and community.general may be used, and none of them parses
-addresses without the `netaddr` library, which the controller may lack. The standard library's
-`ipaddress` does it, so the checks and the expansion of capture rules into per-family netfilter
-rules live here, where they read top to bottom and the templates stay plain.
+What a forwarder option means and which values it takes is the forwarder's own business:
+``handyproxy.config`` (every option, its kind, its validation) and ``handyproxy.address`` are
+imported here, so the role accepts exactly what the forwarder accepts and an option added there
+can be set per instance at once. What stays here belongs to the role alone: the inventory's
+shape (names, ports, capture rules -> netfilter rules), the credentials it delivers with
+``LoadCredential=``, and which wheels of the wheelhouse fit a host.
+
+Why Python and not Jinja: the checks parse CIDRs and report every mistake with the host, the
+instance and the field at once, and the standard library's ``ipaddress`` does it without the
+``netaddr`` library the controller may lack.
 
 Everything here runs on the controller and is pure: data in, data out, no I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
+import sys
+from pathlib import Path
 from typing import Any
 
-# The forwarder options an instance (or handyproxy_instance_defaults) may set, with the TOML key
-# they are rendered as (docs/interfaces.md) and their kind.
-OPTION_KINDS: dict[str, str] = {
-    "listen_address": "ip_or_empty",
-    "dial_timeout": "duration",
-    "sniff_timeout": "duration",
-    "sniff_max_bytes": "int_positive",
-    "sniff_ports": "port_list",
-    "idle_timeout": "duration",
-    "half_close_timeout": "duration",
-    "max_connections": "int_non_negative",
-    "max_client_connections": "int_non_negative",
-    "drain_timeout": "duration",
-    "log_format": "log_format",
-    "log_level": "log_level",
-    "workers": "int_positive",
-    "metrics_address": "hostport_or_empty",
+
+def _import_forwarder() -> tuple[Any, Any, Any, str]:
+    """handyproxy.config, handyproxy.address and handyproxy.upstream.spec, or the reason not.
+
+    The controller needs the handyproxy package (the venv of this checkout has it); a checkout
+    without it installed is found next to the role (ansible/roles/handyproxy/filter_plugins).
+    """
+    for attempt in (None, *Path(__file__).resolve().parents):
+        if attempt is not None:
+            if not (attempt / "handyproxy" / "config.py").is_file():
+                continue
+            sys.path.insert(0, str(attempt))
+        try:
+            from handyproxy import address, config
+            from handyproxy.upstream import spec
+
+            return config, address, spec, ""
+        except ImportError as exc:
+            reason = str(exc)
+            if attempt is not None:
+                sys.path.remove(str(attempt))
+    return None, None, None, reason
+
+
+_config, _address, _spec, _IMPORT_ERROR = _import_forwarder()
+
+#: Inventory keys the role owns (the forwarder never sees them as such).
+ROLE_KEYS = ("name", "capture", "upstream_credentials")
+#: Forwarder options the role sets itself, with what an inventory does instead: the
+#: credentials file is the LoadCredential'd copy of upstream_credentials (so an inventory cannot
+#: point the service at a file on disk), the control socket is the unit's (-control-socket).
+ROLE_MANAGED_OPTIONS = {
+    "upstream_credentials_file": "set upstream_credentials instead",
+    "control_socket": "the unit sets it: /run/handyproxy/NAME/control",
 }
-INSTANCE_KEYS = {"name", "local_port", "upstream_proxy", "capture", *OPTION_KINDS}
+#: Options without a forwarder default worth writing: the instance must set them.
+REQUIRED_OPTIONS = ("local_port", "upstream_proxy")
 CAPTURE_KEYS = {"chain", "family", "interfaces", "sources", "ports", "exclude"}
 CHAINS = ("prerouting", "output")
 FAMILIES = ("ipv4", "ipv6", "both")
 DEFAULT_CAPTURE_PORTS = [80, 443]
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 # Interface names as the kernel allows them (max 15 bytes); a trailing `*` is a wildcard.
 INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}\*?$")
-HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
-)
-DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-DURATION_RE = re.compile(r"^[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+$")
-DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 # systemd must wait longer than the longest drain before it kills an instance; below this floor
 # the unit file does not change with every small drain_timeout edit.
 TIMEOUT_STOP_FLOOR = 90
 TIMEOUT_STOP_MARGIN = 30
+# A wheel file name: distribution-version(-build)?-python-abi-platform.whl (PEP 427).
+WHEEL_RE = re.compile(
+    r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$"
+)
+
+
+class ForwarderMissing(RuntimeError):
+    """The controller cannot import handyproxy; raised by the filters that need it."""
+
+
+def _forwarder() -> Any:
+    if _config is None:
+        raise ForwarderMissing(
+            "the handyproxy role needs the handyproxy package on the controller (its option list"
+            f" and validation are the forwarder's): pip install it there ({_IMPORT_ERROR})"
+        )
+    return _config
+
+
+def forwarder_options() -> dict[str, str]:
+    """Every forwarder option an instance may set, inventory key -> kind, in Config order."""
+    config = _forwarder()
+    return {
+        f.name: f.metadata["kind"]
+        for f in dataclasses.fields(config.Config)
+        if f.name not in ROLE_MANAGED_OPTIONS
+    }
+
+
+def instance_keys() -> list[str]:
+    """Every key an instance may have: the role's own and the forwarder's options."""
+    return ["name", *forwarder_options(), *ROLE_KEYS[1:]]
 
 
 def _is_int(value: Any) -> bool:
@@ -63,53 +111,27 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_duration(value: Any, bare_seconds: bool = False) -> float | None:
-    """Seconds for a Go duration ("1m30s", "500ms", "0"), or None when it is not one.
-
-    A bare number is only a duration when it is 0, or for sniff_timeout (bare_seconds), which
-    the original took as whole seconds ("-1" turns sniffing off); the forwarder does the same.
-    """
-    if _is_int(value) or (isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip())):
-        seconds = int(value)
-        return float(seconds) if bare_seconds or seconds == 0 else None
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if not DURATION_RE.fullmatch(text):
-        return None
-    sign = -1.0 if text.startswith("-") else 1.0
-    total = sum(float(num) * DURATION_UNITS[unit] for num, unit in DURATION_PART_RE.findall(text))
-    return sign * total
+def toml_key(key: str) -> str:
+    """The TOML key of an inventory option (dashes, as docs/interfaces.md writes them)."""
+    return key.replace("_", "-")
 
 
-def split_upstream(value: Any) -> tuple[str, int | None] | None:
-    """(host, port) of `host:port` or `[v6]:port`; port None when missing; None when malformed."""
-    if not isinstance(value, str) or not value:
-        return None
-    if value.startswith("["):
-        match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", value)
-        if not match:
-            return None
-        try:
-            ipaddress.IPv6Address(match.group(1))
-        except ValueError:
-            return None
-        return match.group(1), int(match.group(2)) if match.group(2) else None
-    if value.count(":") > 1:
-        return None  # a bare IPv6 literal: ambiguous without brackets
-    host, sep, port = value.partition(":")
-    if not host or (port and not port.isdigit()) or (sep and not port):
-        return None
-    return host, int(port) if port else None
+def upstream_specs(value: Any) -> list[Any]:
+    """The forwarder's parse of an upstream_proxy value (string, list, tables); [] if malformed."""
+    _forwarder()
+    try:
+        return list(_spec.parse_upstreams(value))
+    except ValueError:
+        return []
 
 
 def upstream_ip(value: Any) -> str:
-    """The upstream's address when it is an IP literal, else "" (a name cannot be matched)."""
-    parts = split_upstream(value)
-    if not parts:
+    """The first upstream's address when it is an IP literal, else "" (a name cannot be matched)."""
+    specs = upstream_specs(value)
+    if not specs:
         return ""
     try:
-        return str(ipaddress.ip_address(parts[0]))
+        return str(ipaddress.ip_address(specs[0].host))
     except ValueError:
         return ""
 
@@ -131,7 +153,8 @@ def merge_instances(instances: Any, defaults: Any) -> list[dict[str, Any]]:
     filter can be evaluated before the preflight has run.
     """
     given = defaults if isinstance(defaults, dict) else {}
-    base = {k: v for k, v in given.items() if k in OPTION_KINDS}
+    options = forwarder_options()
+    base = {k: v for k, v in given.items() if k in options}
     merged: list[dict[str, Any]] = []
     for instance in instances if isinstance(instances, list) else []:
         if not isinstance(instance, dict):
@@ -156,37 +179,43 @@ def merge_instances(instances: Any, defaults: Any) -> list[dict[str, Any]]:
     return merged
 
 
-def _check_option(key: str, value: Any) -> str | None:
-    """The reason an option value is wrong, or None."""
-    kind = OPTION_KINDS[key]
-    if kind == "duration":
-        if parse_duration(value, bare_seconds=key == "sniff_timeout") is None:
-            return f"{value!r} is not a Go duration such as 500ms, 3m or 1m30s"
-    elif kind == "int_positive":
-        if not _is_int(value) or value < 1:
-            return f"{value!r} must be an integer >= 1"
-    elif kind == "int_non_negative":
-        if not _is_int(value) or value < 0:
-            return f"{value!r} must be an integer >= 0"
-    elif kind == "port_list":
-        if not isinstance(value, list) or not all(_is_int(p) and 1 <= p <= 65535 for p in value):
-            return f"{value!r} must be a list of ports 1-65535"
-    elif kind == "ip_or_empty":
-        if value != "":
-            try:
-                ipaddress.ip_address(value)
-            except ValueError:
-                return f"{value!r} must be an IP literal or empty (all addresses)"
-    elif kind == "hostport_or_empty":
-        parts = split_upstream(value) if value != "" else ("", 1)
-        if parts is None or parts[1] is None or not 1 <= parts[1] <= 65535:
-            return f"{value!r} must be host:port or [v6]:port (port 1-65535), or empty (off)"
-    elif kind == "log_format":
-        if value not in LOG_FORMATS:
-            return f"{value!r} must be one of {', '.join(LOG_FORMATS)}"
-    elif kind == "log_level" and value not in LOG_LEVELS:
-        return f"{value!r} must be one of {', '.join(LOG_LEVELS)}"
-    return None
+def toml_settings(instance: dict[str, Any], credential_name: str) -> dict[str, Any]:
+    """What an instance's NAME.toml holds, TOML key -> value, in the forwarder's option order.
+
+    Values pass through as the inventory gives them; the forwarder judges them (the preflight
+    with its Config, the host with ``handyproxy -check-config``). The credentials file is the
+    one LoadCredential= provides under `credential_name`, relative to $CREDENTIALS_DIRECTORY.
+    """
+    settings = {toml_key(k): instance[k] for k in forwarder_options() if k in instance}
+    if instance.get("upstream_credentials"):
+        settings[toml_key("upstream_credentials_file")] = credential_name
+    return settings
+
+
+def _check_options(item: dict[str, Any]) -> list[str]:
+    """The forwarder's verdict on an instance's options: ["field: reason"] or [].
+
+    Each value goes through the forwarder's own converter, then the whole set through
+    Config.validate(), exactly as `handyproxy -config NAME.toml` would; the credentials file
+    is left out (it exists only on the host, where -check-config reads it).
+    """
+    config = _forwarder()
+    values: dict[str, Any] = {}
+    errors = []
+    for key in forwarder_options():
+        if key not in item:
+            continue
+        try:
+            values[toml_key(key)] = config.convert(key, item[key])
+        except ValueError as exc:
+            errors.append(f"{key}: {exc}")
+    if errors:
+        return errors
+    try:
+        config.build(values)
+    except config.ConfigError as exc:
+        return [f"{exc.field.replace('-', '_')}: {exc.reason}"]
+    return []
 
 
 def _check_cidrs(field: str, values: Any, family: Any) -> list[str]:
@@ -252,7 +281,11 @@ def _check_instance(instance: Any, position: int) -> tuple[str, list[str]]:
         if isinstance(name, str) and name
         else f"handyproxy_instances[{position}]"
     )
-    errors = [f"{key}: unknown field" for key in sorted(set(instance) - INSTANCE_KEYS)]
+    known = set(instance_keys())
+    errors = []
+    for key in sorted(set(instance) - known):
+        hint = f" ({ROLE_MANAGED_OPTIONS[key]})" if key in ROLE_MANAGED_OPTIONS else ""
+        errors.append(f"{key}: unknown field{hint}")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         errors.append(f"name: {name!r} is required and must match [a-z0-9_-]+")
     port = instance.get("local_port")
@@ -261,30 +294,16 @@ def _check_instance(instance: Any, position: int) -> tuple[str, list[str]]:
             f"local_port: {port!r} is required and must be an integer 1024-65535 (the service has"
             " no capability to bind a privileged port)"
         )
-    upstream = instance.get("upstream_proxy")
-    parts = split_upstream(upstream)
-    if upstream is None:
-        errors.append("upstream_proxy: is required (host:port or [v6]:port)")
-    elif parts is None:
-        errors.append(f"upstream_proxy: {upstream!r} is not host:port or [v6]:port")
-    else:
-        host, up_port = parts
-        if up_port is None:
-            errors.append(
-                f"upstream_proxy: {upstream!r} has no port; write it out (e.g. {upstream}:3128)"
-            )
-        elif not 1 <= up_port <= 65535:
-            errors.append(f"upstream_proxy: port {up_port} is out of range 1-65535")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not HOSTNAME_RE.fullmatch(host):
-                errors.append(f"upstream_proxy: {host!r} is neither an IP literal nor a host name")
-    for key in OPTION_KINDS:
-        if key in instance:
-            reason = _check_option(key, instance[key])
-            if reason:
-                errors.append(f"{key}: {reason}")
+    if instance.get("upstream_proxy") is None:
+        errors.append("upstream_proxy: is required (host:port, [v6]:port or a list of them)")
+    credentials = instance.get("upstream_credentials")
+    if credentials is not None and (
+        not isinstance(credentials, str) or ":" not in credentials or "\n" in credentials.strip()
+    ):
+        # Never the value itself: it is a secret.
+        errors.append("upstream_credentials: must be one line user:password (value not shown)")
+    if not errors:
+        errors += _check_options(instance)
     capture = instance.get("capture", [])
     if not isinstance(capture, list):
         errors.append(f"capture: must be a list of rules, got {capture!r}")
@@ -298,30 +317,29 @@ def preflight_errors(instances: Any, defaults: Any, host: str) -> list[str]:
     """Every inventory mistake of a host, one line each naming the host, the instance and the field.
 
     An empty list means the inventory is sound. Checked: the shapes and values of
-    handyproxy_instance_defaults (forwarder options only) and of each instance, unique names and
-    local ports, known chains and families, upstreams with a port, port ranges and sane CIDRs.
+    handyproxy_instance_defaults (forwarder options only) and of each instance (merged over the
+    defaults, judged by the forwarder's Config), unique names and local ports, known chains and
+    families, port ranges and sane CIDRs.
     """
     errors: list[str] = []
     if not isinstance(defaults, dict):
         errors.append(f"host {host}: handyproxy_instance_defaults: must be a mapping")
         defaults = {}
-    for key, value in defaults.items():
-        if key not in OPTION_KINDS:
+    options = forwarder_options()
+    for key in defaults:
+        if key not in options:
             errors.append(
                 f"host {host}: handyproxy_instance_defaults.{key}: not a forwarder option"
-                f" (allowed: {', '.join(OPTION_KINDS)})"
+                f" (allowed: {', '.join(options)})"
             )
-        else:
-            reason = _check_option(key, value)
-            if reason:
-                errors.append(f"host {host}: handyproxy_instance_defaults.{key}: {reason}")
     if not isinstance(instances, list):
         return [*errors, f"host {host}: handyproxy_instances: must be a list"]
+    base = {k: v for k, v in defaults.items() if k in options}
     names: dict[Any, int] = {}
     ports: dict[Any, str] = {}
     for position, instance in enumerate(instances):
-        # The defaults were checked above; an instance is checked for what it sets itself.
-        label, reasons = _check_instance(instance, position)
+        merged = {**base, **instance} if isinstance(instance, dict) else instance
+        label, reasons = _check_instance(merged, position)
         errors += [f"host {host}: {label}: {reason}" for reason in reasons]
         if not isinstance(instance, dict):
             continue
@@ -338,16 +356,35 @@ def preflight_errors(instances: Any, defaults: Any, host: str) -> list[str]:
                     f"host {host}: {label}: local_port: {port} is already used by {ports[port]}"
                 )
             ports.setdefault(port, f"handyproxy_instances[{position}] ({name!r})")
-    # Metrics ports, after every local port is known: one may not take another's port.
-    merged = merge_instances(instances, defaults)
+    errors += _metrics_port_clashes(merge_instances(instances, defaults), ports, host)
+    return errors
+
+
+def _metrics_port_clashes(
+    merged: list[dict[str, Any]], ports: dict[Any, str], host: str
+) -> list[str]:
+    """Metrics ports, once every local port is known: one may not take another's port.
+
+    The address itself is the forwarder's to judge (its Config); this is about the host.
+    """
+    errors = []
     taken: dict[int, str] = {}
     for position, instance in enumerate(merged):
-        parts = split_upstream(instance.get("metrics_address") or "")
-        if not parts or parts[1] is None:
-            continue
+        try:
+            _, port = _address.split_hostport(
+                str(instance.get("metrics_address") or ""), kernel_port=True
+            )
+        except ValueError:
+            continue  # empty (off) or malformed: the latter is reported with the options
         name = instance.get("name")
         label = f"instance {name!r}" if isinstance(name, str) and name else f"[{position}]"
-        port = parts[1]
+        if port == 0:
+            # The forwarder takes it (the kernel picks); a fleet's scrape target cannot.
+            errors.append(
+                f"host {host}: {label}: metrics_address: port 0 lets the kernel pick one; a"
+                " scrape target needs a fixed port"
+            )
+            continue
         other = ports.get(port) or taken.get(port)
         if other:
             what = "local_port" if port in ports else "metrics_address"
@@ -357,6 +394,59 @@ def preflight_errors(instances: Any, defaults: Any, host: str) -> list[str]:
             )
         taken.setdefault(port, f"handyproxy_instances[{position}] ({name!r})")
     return errors
+
+
+def _wheel_fits(match: re.Match[str], python: str, arch: str) -> bool:
+    """Whether a wheel's tags fit CPython `python` ("3.13") on `arch` ("aarch64")."""
+    cp = "cp" + python.replace(".", "")
+    pys = set(match["py"].split("."))
+    abis = set(match["abi"].split("."))
+    plats = set(match["plat"].split("."))
+    if plats == {"any"}:
+        return bool(pys & {"py3", cp, "py" + python.replace(".", "")})
+    if not any(p.startswith(("manylinux", "linux")) and p.endswith("_" + arch) for p in plats):
+        return False
+    if cp in pys and abis & {cp, "none"}:
+        return True
+    # abi3 wheels built for an older CPython 3 fit every later one.
+    return "abi3" in abis and any(
+        p.startswith("cp3") and p[3:].isdigit() and int(p[3:]) <= int(cp[3:]) for p in pys
+    )
+
+
+def parse_manifest(text: Any) -> list[dict[str, str]]:
+    """SHA256SUMS lines (`HASH  FILE`) as [{file, sha256}]; malformed lines are skipped."""
+    entries = []
+    for line in str(text or "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-f]{64}", parts[0]):
+            entries.append({"file": parts[1].lstrip("*"), "sha256": parts[0]})
+    return entries
+
+
+def select_wheels(manifest: Any, python: Any, arch: Any) -> dict[str, Any]:
+    """The wheels of the wheelhouse a host installs, and the distributions none of them serves.
+
+    Every distribution in the manifest is needed (the wheelhouse holds handyproxy and its
+    runtime dependencies only); for each, the first fitting wheel in manifest order is taken.
+    Returns {"wheels": [{file, sha256, name, version}], "missing": [names]}.
+    """
+    python, arch = str(python), str(arch)
+    chosen: dict[str, dict[str, str]] = {}
+    names: list[str] = []
+    for entry in parse_manifest(manifest):
+        match = WHEEL_RE.match(entry["file"])
+        if not match:
+            continue
+        name = match["name"].lower()
+        if name not in names:
+            names.append(name)
+        if name not in chosen and _wheel_fits(match, python, arch):
+            chosen[name] = {**entry, "name": name, "version": match["version"]}
+    return {
+        "wheels": [chosen[n] for n in names if n in chosen],
+        "missing": [n for n in names if n not in chosen],
+    }
 
 
 def capture_rules(instances: Any) -> list[dict[str, Any]]:
@@ -391,35 +481,62 @@ def capture_rules(instances: Any) -> list[dict[str, Any]]:
     return expanded
 
 
+def checksum_mismatches(results: Any) -> list[str]:
+    """The wheels whose controller-side stat (a looped `stat` over select_wheels' wheels with
+    checksum_algorithm sha256) is missing or differs from the manifest's hash."""
+    bad = []
+    for result in results if isinstance(results, list) else []:
+        item = result.get("item") or {}
+        stat = result.get("stat") or {}
+        if not stat.get("exists") or stat.get("checksum") != item.get("sha256"):
+            bad.append(str(item.get("file")))
+    return bad
+
+
 def upstream_ips(instances: Any, family: str) -> list[str]:
-    """Sorted unique upstream addresses of one family ("ipv4"/"ipv6"), for the OUTPUT skips."""
+    """Sorted unique upstream addresses of one family ("ipv4"/"ipv6"), for the OUTPUT skips.
+
+    Every upstream of every instance counts (a list, tables with groups), parsed by the
+    forwarder; names cannot be matched by netfilter and are left out.
+    """
     version = 4 if family == "ipv4" else 6
     found = set()
     for instance in instances:
-        ip = upstream_ip(instance.get("upstream_proxy"))
-        if ip and ipaddress.ip_address(ip).version == version:
-            found.add(ip)
+        for spec in upstream_specs(instance.get("upstream_proxy")):
+            try:
+                ip = ipaddress.ip_address(spec.host)
+            except ValueError:
+                continue
+            if ip.version == version:
+                found.add(str(ip))
     return sorted(found, key=ipaddress.ip_address)
 
 
 def timeout_stop_sec(instances: Any) -> int:
     """TimeoutStopSec for the template unit: longer than every instance's drain_timeout."""
-    longest = 30.0  # the forwarder's default drain-timeout
+    config = _forwarder()
+    longest = config.Config().drain_timeout
     for instance in instances:
-        seconds = parse_duration(instance.get("drain_timeout", "30s"))
-        if seconds is not None:
-            longest = max(longest, seconds)
+        try:
+            seconds = config.convert("drain_timeout", instance.get("drain_timeout", "30s"))
+        except ValueError:
+            continue
+        longest = max(longest, seconds)
     return max(TIMEOUT_STOP_FLOOR, int(longest + 0.999) + TIMEOUT_STOP_MARGIN)
 
 
-def toml_value(value: Any, key: str) -> str:
-    """One TOML value: durations and strings quoted, integers bare, lists as arrays."""
-    if OPTION_KINDS.get(key) == "duration":
-        return _toml_string(str(value))
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v, "") for v in value) + "]"
-    if _is_int(value):
-        return str(value)
+def toml_value(value: Any) -> str:
+    """One TOML value, as the inventory typed it: strings quoted, numbers and booleans bare,
+    lists as arrays, mappings (upstream or rule tables) as inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_string(str(k))} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
     return _toml_string(str(value))
 
 
@@ -445,6 +562,9 @@ class FilterModule:
             "handyproxy_capture_rules": capture_rules,
             "handyproxy_upstream_ips": upstream_ips,
             "handyproxy_timeout_stop_sec": timeout_stop_sec,
+            "handyproxy_toml_settings": toml_settings,
             "handyproxy_toml_value": toml_value,
             "handyproxy_iptables_interface": iptables_interface,
+            "handyproxy_select_wheels": select_wheels,
+            "handyproxy_checksum_mismatches": checksum_mismatches,
         }

@@ -7,7 +7,9 @@ the plugin is plain Python, imported from the role's filter_plugins directory.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -46,10 +48,21 @@ def test_sound_inventory_has_no_errors():
     assert errors_for(instance(), instance(name="bob", local_port=8444)) == []
 
 
-def test_upstream_without_port_names_host_instance_and_field():
-    (error,) = errors_for(instance(upstream_proxy="proxy.example"))
+def test_upstream_without_port_takes_the_forwarders_default_port():
+    assert errors_for(instance(upstream_proxy="proxy.example")) == []
+    (spec,) = f.upstream_specs("proxy.example")
+    assert spec.port == 3128
+
+
+def test_a_host_name_the_forwarder_accepts_passes_the_preflight():
+    """The role used to reject underscores that the forwarder takes."""
+    assert errors_for(instance(upstream_proxy="proxy_1.corp:3128")) == []
+
+
+def test_bad_upstream_names_host_instance_and_field():
+    (error,) = errors_for(instance(upstream_proxy="proxy.example:http"))
     assert error.startswith("host router1: instance 'alice': upstream_proxy: ")
-    assert "no port" in error
+    assert "port" in error
 
 
 def test_bare_ipv6_upstream_is_rejected_but_bracketed_one_passes():
@@ -72,7 +85,7 @@ def test_a_bad_metrics_address_names_the_field(value):
 def test_metrics_addresses_pass_and_render_as_toml():
     for value in ("127.0.0.1:9464", "[::1]:9464", "localhost:9464", ""):
         assert errors_for(instance(metrics_address=value)) == []
-    assert f.toml_value("127.0.0.1:9464", "metrics_address") == '"127.0.0.1:9464"'
+    assert f.toml_value("127.0.0.1:9464") == '"127.0.0.1:9464"'
 
 
 def test_a_metrics_port_may_not_be_taken_twice_on_a_host():
@@ -190,9 +203,146 @@ def test_timeout_stop_outlasts_the_longest_drain():
     assert f.timeout_stop_sec([{"drain_timeout": "5m"}]) == 330
 
 
-def test_toml_values_quote_durations_and_strings_but_not_ints():
-    assert f.toml_value("3m", "dial_timeout") == '"3m"'
-    assert f.toml_value(-1, "sniff_timeout") == '"-1"'
-    assert f.toml_value(8443, "local_port") == "8443"
-    assert f.toml_value([80, 443], "sniff_ports") == "[80, 443]"
-    assert f.toml_value('a"b\\c', "upstream_proxy") == '"a\\"b\\\\c"'
+def test_toml_values_keep_the_inventorys_types():
+    assert f.toml_value("3m") == '"3m"'
+    assert f.toml_value(-1) == "-1"
+    assert f.toml_value(8443) == "8443"
+    assert f.toml_value(True) == "true"
+    assert f.toml_value([80, 443]) == "[80, 443]"
+    assert f.toml_value('a"b\\c') == '"a\\"b\\\\c"'
+    assert f.toml_value({"address": "b:2", "group": "g"}) == '{ "address" = "b:2", "group" = "g" }'
+
+
+def test_every_forwarder_option_is_an_instance_key():
+    """The option list is the forwarder's: a field added to Config is settable at once."""
+    from handyproxy import config
+
+    names = {field.name for field in dataclasses.fields(config.Config)}
+    assert set(f.forwarder_options()) == names - set(f.ROLE_MANAGED_OPTIONS)
+    assert set(f.instance_keys()) == (names - set(f.ROLE_MANAGED_OPTIONS)) | set(f.ROLE_KEYS)
+
+
+def test_relay_several_upstreams_policy_and_rules_pass_and_render_as_toml():
+    item = instance(
+        relay="copy",
+        upstream_proxy=["cntlm-a:3128", {"address": "partner:8080", "group": "partners"}],
+        upstream_policy="round-robin",
+        sniff_timeout="1s",
+        rule=[
+            "dst=10.0.0.0/8 direct",
+            {"name": ".partner.example", "action": "proxy", "group": "partners"},
+        ],
+    )
+    assert errors_for(item) == []
+    rendered = "\n".join(
+        f"{key} = {f.toml_value(value)}"
+        for key, value in f.toml_settings(item, "upstream-credentials").items()
+    )
+    parsed = tomllib.loads(rendered)
+    from handyproxy import config
+
+    values = {k: config.convert(k, v) for k, v in parsed.items()}
+    cfg = config.build(values)
+    assert cfg.relay == "copy"
+    assert [u.name for u in cfg.upstreams] == ["cntlm-a:3128", "partner:8080"]
+    assert [str(r) for r in cfg.rules] == [
+        "dst=10.0.0.0/8 direct",
+        "name=.partner.example proxy:partners",
+    ]
+
+
+def test_forwarder_verdicts_name_the_inventory_key():
+    (error,) = errors_for(instance(relay="zerocopy"))
+    assert error.startswith("host router1: instance 'alice': relay: must be one of")
+    (error,) = errors_for(instance(rule=["port=25 teleport"]))
+    assert error.startswith("host router1: instance 'alice': rule: ")
+    (error,) = errors_for(instance(dial_timeout="3 minutes"))
+    assert error.startswith("host router1: instance 'alice': dial_timeout: ")
+
+
+def test_defaults_are_judged_with_each_instance():
+    errors = errors_for(instance(), defaults={"upstream_policy": "random"})
+    assert errors == [
+        "host router1: instance 'alice': upstream_policy: must be one of failover, round-robin,"
+        " least-connections"
+    ]
+
+
+def test_credentials_file_is_the_roles_and_the_secret_never_shows():
+    (error,) = errors_for(instance(upstream_credentials_file="/root/secret"))
+    assert "upstream_credentials_file: unknown field (set upstream_credentials instead)" in error
+    (error,) = errors_for(instance(upstream_credentials="no-colon-s3cret"))
+    assert "upstream_credentials:" in error and "s3cret" not in error
+    item = instance(upstream_credentials="alice:s3cret")
+    assert errors_for(item) == []
+    settings = f.toml_settings(item, "upstream-credentials")
+    assert settings["upstream-credentials-file"] == "upstream-credentials"
+    assert "s3cret" not in repr(settings)
+
+
+UVLOOP = "uvloop-0.23.0-cp{v}-cp{v}-manylinux_2_17_{a}.manylinux2014_{a}.whl"
+
+
+def manifest(*files: str) -> str:
+    return "".join(f"{index:064x}  {name}\n" for index, name in enumerate(files, 1))
+
+
+def test_wheels_are_chosen_for_the_hosts_python_and_architecture():
+    text = manifest(
+        "handyproxy-0.1.0-py3-none-any.whl",
+        UVLOOP.format(v=311, a="x86_64"),
+        UVLOOP.format(v=313, a="x86_64"),
+        UVLOOP.format(v=313, a="aarch64"),
+        "prometheus_client-0.21.1-py3-none-any.whl",
+    )
+    choice = f.select_wheels(text, "3.13", "aarch64")
+    assert choice["missing"] == []
+    assert [w["file"] for w in choice["wheels"]] == [
+        "handyproxy-0.1.0-py3-none-any.whl",
+        UVLOOP.format(v=313, a="aarch64"),
+        "prometheus_client-0.21.1-py3-none-any.whl",
+    ]
+    assert choice["wheels"][1]["sha256"] == f"{4:064x}"
+    assert choice["wheels"][1]["version"] == "0.23.0"
+
+
+def test_a_host_no_wheel_fits_gets_the_missing_distribution_named():
+    text = manifest("handyproxy-0.1.0-py3-none-any.whl", UVLOOP.format(v=311, a="x86_64"))
+    assert f.select_wheels(text, "3.13", "x86_64")["missing"] == ["uvloop"]
+    assert f.select_wheels(text, "3.11", "aarch64")["missing"] == ["uvloop"]
+    assert f.select_wheels(text, "3.11", "x86_64")["missing"] == []
+
+
+def test_abi3_wheels_fit_later_pythons_only():
+    text = manifest("x-1-cp312-abi3-manylinux_2_17_x86_64.whl")
+    assert f.select_wheels(text, "3.13", "x86_64")["missing"] == []
+    assert f.select_wheels(text, "3.11", "x86_64")["missing"] == ["x"]
+
+
+def test_checksum_mismatches_name_missing_and_different_wheels():
+    results = [
+        {
+            "item": {"file": "a.whl", "sha256": "1" * 64},
+            "stat": {"exists": True, "checksum": "1" * 64},
+        },
+        {
+            "item": {"file": "b.whl", "sha256": "1" * 64},
+            "stat": {"exists": True, "checksum": "2" * 64},
+        },
+        {"item": {"file": "c.whl", "sha256": "1" * 64}, "stat": {"exists": False}},
+    ]
+    assert f.checksum_mismatches(results) == ["b.whl", "c.whl"]
+
+
+def test_the_example_inventory_passes_the_preflight():
+    """The README points operators at ansible/inventory/example: it must be sound as written."""
+    import yaml
+
+    example = Path(__file__).resolve().parents[3] / "inventory" / "example"
+    group = yaml.safe_load((example / "group_vars" / "handyproxy.yml").read_text())
+    for host_file in sorted((example / "host_vars").glob("*.yml")):
+        host = yaml.safe_load(host_file.read_text())
+        errors = f.preflight_errors(
+            host["handyproxy_instances"], group["handyproxy_instance_defaults"], host_file.stem
+        )
+        assert errors == [], errors
