@@ -1,1 +1,1 @@
-"""The HandyProxy benchmark: ``sudo .venv/bin/python -m bench`` (see bench/README.md)."""
+"""The HandyProxy benchmark: ``.venv/bin/python -m bench`` (see bench/README.md)."""

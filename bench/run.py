@@ -1,6 +1,6 @@
 """Run the HandyProxy benchmark: one lab, every forwarder, every figure, one report.
 
-``sudo .venv/bin/python -m bench`` builds the namespace lab (``handyproxy.lab.netns.Lab``),
+``.venv/bin/python -m bench`` builds the namespace lab (``handyproxy.lab.netns.Lab``),
 starts the
 origin servers and the upstream CONNECT proxy (chosen per figure by measurement), starts every
 forwarder on its own port, and measures the direct path and each forwarder on the same path,
@@ -955,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench needs " + ", ".join(missing), file=sys.stderr)
         return 2
     ensure_pproxy()
-    command = "sudo .venv/bin/python -m bench" + (
+    command = ".venv/bin/python -m bench" + (
         " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
     )
     started = datetime.datetime.now(datetime.UTC)

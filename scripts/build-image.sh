@@ -6,6 +6,7 @@
 # a hash of the package list and of the recipe below, and the build is skipped when an image with
 # the same hash exists. Set HANDYPROXY_IMAGE_REBUILD=1 to force a build.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 IMAGE=${HANDYPROXY_MOLECULE_IMAGE:-handyproxy-molecule:bookworm}
 SUITE=bookworm
@@ -24,8 +25,6 @@ PACKAGES=(
 )
 # Bump when the customisation in customise_rootfs changes.
 RECIPE_VERSION=3
-
-log() { printf 'build-image: %s\n' "$*" >&2; }
 
 recipe_hash() {
     printf '%s\n' "$SUITE" "$RECIPE_VERSION" "${PACKAGES[@]}" | sha256sum | cut -c1-16

@@ -12,7 +12,8 @@
 # (space-separated pip platform tags), UVLOOP_SPEC (default: the pin in requirements-dev.txt).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ROOT=$REPO
 OUT=${WHEELHOUSE_DIR:-$ROOT/wheelhouse}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x $PYTHON ]] || PYTHON=python3
@@ -20,8 +21,6 @@ TARGET_PYTHON_VERSION=${TARGET_PYTHON_VERSION:-3.11}
 TARGET_PLATFORMS=${TARGET_PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64}
 # A fixed date: zip entries carry timestamps, and wheel honours SOURCE_DATE_EPOCH.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800}
-
-log() { printf 'build-wheelhouse: %s\n' "$*" >&2; }
 
 uvloop_spec() {
     if [[ -n ${UVLOOP_SPEC:-} ]]; then

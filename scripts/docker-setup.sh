@@ -11,12 +11,11 @@
 # so the bridge and the address pools move to 198.19.0.0/16 (part of 198.18.0.0/15), IPv6 to
 # 2001:db8::/32, and masquerading is off. The scenarios create `internal` networks on top.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DAEMON_JSON=${HANDYPROXY_DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}
 DOCKERD_LOG=${HANDYPROXY_DOCKERD_LOG:-/var/log/handyproxy-dockerd.log}
 WAIT_SECONDS=${HANDYPROXY_DOCKER_WAIT:-60}
-
-log() { printf 'docker-setup: %s\n' "$*" >&2; }
 
 # The CLI in /usr/local/bin may be newer than Debian's engine (API 1.41); let it negotiate down.
 docker_cli() { docker "$@"; }

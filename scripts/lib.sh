@@ -2,9 +2,11 @@
 # shellcheck shell=bash
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV="$REPO/.venv"
+VENV="${VENV:-$REPO/.venv}"
 
 say() { printf '\n==> %s\n' "$*" >&2; }
+# log MESSAGE: one line on stderr, prefixed with the name of the script that sourced this file.
+log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then

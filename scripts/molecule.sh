@@ -12,11 +12,9 @@
 # default random), MOLECULE_ARGS (extra arguments for `molecule test`, e.g. --destroy=never).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VENV:-$ROOT/.venv}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ROOT=$REPO
 LOCK=/run/lock/handyproxy-molecule.lock
-
-log() { printf 'molecule.sh: %s\n' "$*" >&2; }
 
 [[ -x $VENV/bin/molecule ]] || { log "no molecule in $VENV (run the test command's setup)"; exit 1; }
 export PATH=$VENV/bin:$PATH
