@@ -955,9 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench needs " + ", ".join(missing), file=sys.stderr)
         return 2
     ensure_pproxy()
-    command = ".venv/bin/python -m bench" + (
-        " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
-    )
+    command = ".venv/bin/python -m bench" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     started = datetime.datetime.now(datetime.UTC)
     result: dict[str, Any] = {
         "command": command,

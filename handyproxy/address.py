@@ -23,10 +23,13 @@ def unmap(host: str) -> str:
     return host
 
 
-def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+def split_hostport(
+    text: str, default_port: int | None = None, *, kernel_port: bool = False
+) -> tuple[str, int]:
     """Split ``host:port``, ``[v6]:port``, ``host`` or ``[v6]``; bare IPv6 is ambiguous.
 
-    A missing port takes ``default_port``; raises ValueError naming what is wrong.
+    A missing port takes ``default_port``; ``kernel_port`` allows port 0 (for an address we
+    listen on: the kernel picks). Raises ValueError naming what is wrong.
     """
     s = text.strip()
     if not s:
@@ -58,8 +61,9 @@ def split_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         if default_port is None or port_text == "":
             raise ValueError(f"missing port in {text!r}")
         return host, default_port
-    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    low = 0 if kernel_port else 1
+    if not (port_text.isascii() and port_text.isdigit()) or not low <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from {low} to 65535")
     return host, int(port_text)
 
 

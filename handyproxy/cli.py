@@ -7,12 +7,15 @@ argparse is not used because the original's flags are Go ``flag`` style (``-loca
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Any
 
 from handyproxy import __version__, config
 
 EXIT_USAGE = 2
+#: Client modes: ask the running master over -control-socket instead of starting one.
+CLIENT_FLAGS = {"reload": "reload", "upgrade": "upgrade", "status": "status"}
 
 
 class UsageError(Exception):
@@ -29,6 +32,8 @@ def usage() -> str:
     lines = [
         f"usage: handyproxy [flags]       (handyproxy {__version__})",
         "       handyproxy demo [--keep]  build a namespace lab and show traffic flowing (root)",
+        "       handyproxy -reload|-upgrade|-status -control-socket PATH",
+        "                                 ask the running instance; exit 1 when it failed",
         "",
         "Flags take one or two dashes, '-flag value' or '-flag=value':",
     ]
@@ -112,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         from handyproxy.lab import demo
 
         return demo.main(args[1:])
+    verbs = [a.lstrip("-") for a in args if a.lstrip("-") in CLIENT_FLAGS and a.startswith("-")]
+    if verbs:
+        return control_client(
+            CLIENT_FLAGS[verbs[0]], [a for a in args if a.lstrip("-") not in CLIENT_FLAGS]
+        )
     try:
         cfg = parse_args(args)
     except _VersionRequested:
@@ -124,7 +134,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"handyproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    from handyproxy import log, server
+    from handyproxy import log
+    from handyproxy.supervisor import master
 
+    if os.environ.get(master.CHECK_ENV):  # an upgrade's trial run: config and code load
+        print(f"handyproxy {__version__}: config and code load")
+        return 0
     log.setup(cfg.log_format, cfg.log_level)
-    return server.run(cfg)
+    return master.run(cfg, args)
+
+
+def control_client(verb: str, args: list[str]) -> int:
+    """``-reload``: the socket comes from ``-control-socket`` on the command line, or from the
+    config when it parses (a broken config is the master's to report, so the flag is safer)."""
+    from handyproxy.supervisor import control
+
+    path = ""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name == "control-socket":
+            path = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    if not path:
+        try:
+            path = parse_args(args).control_socket
+        except (UsageError, _VersionRequested, _HelpRequested):
+            path = ""
+    if not path:
+        print(f"handyproxy: -{verb}: needs -control-socket PATH", file=sys.stderr)
+        return EXIT_USAGE
+    return control.main(path, verb)

@@ -197,6 +197,16 @@ class Config:
         30.0, "duration", "on SIGTERM, time open tunnels get before they are reset"
     )
     workers: int = option(1, "int", "processes sharing the port (SO_REUSEPORT)")
+    control_socket: str = option(
+        "",
+        "str",
+        "AF_UNIX socket where the master takes reload/upgrade requests (handyproxy -reload)",
+    )
+    metrics_address: str = option(
+        "",
+        "str",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (default: off; port 0: any)",
+    )
     relay: str = option(
         "splice", "str", "splice (zero-copy, the default) or copy (through user space)"
     )
@@ -252,6 +262,9 @@ class Config:
         _check_int("max-client-connections", self.max_client_connections, 0, 10_000_000)
         _check_seconds("drain-timeout", self.drain_timeout)
         _check_int("workers", self.workers, 1, 256)
+        if not isinstance(self.control_socket, str) or len(self.control_socket.encode()) > 107:
+            raise ConfigError("control-socket", "expected a path of at most 107 bytes")
+        self._validate_metrics_address()
         if self.relay not in RELAYS:
             raise ConfigError("relay", f"must be one of {', '.join(RELAYS)}")
         if self.log_format not in LOG_FORMATS:
@@ -285,6 +298,15 @@ class Config:
                 raise ConfigError("upstream-probe-target", str(exc)) from None
         if not isinstance(self.allow_upstream_ports, bool):
             raise ConfigError("allow-upstream-ports", "expected true or false")
+
+    def _validate_metrics_address(self) -> None:
+        if not isinstance(self.metrics_address, str):
+            raise ConfigError("metrics-address", "expected HOST:PORT")
+        if self.metrics_address:
+            try:
+                split_hostport(self.metrics_address, kernel_port=True)
+            except ValueError as exc:
+                raise ConfigError("metrics-address", str(exc)) from None
 
     def _validate_rules(self) -> None:
         groups = {s.group for s in self.upstreams}

@@ -1,4 +1,7 @@
-"""The process: listeners, the accept loop, timers, signals and draining.
+"""A worker process: the accept loop, timers, signals, draining, and applying a reloaded config.
+
+The listeners are made here too, but by the master (handyproxy.supervisor), which holds them for
+the instance's whole life and hands each worker its share; a worker never binds.
 
 Accepting is done by hand (a reader callback on the listening socket) rather than by
 ``loop.create_server`` so that running out of descriptors can be handled the way operators want:
@@ -15,16 +18,17 @@ import os
 import resource
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 
-from handyproxy import config, relay, systemd
+from handyproxy import config, log, metrics, relay, systemd
 from handyproxy.address import authority
 from handyproxy.config import Config
 from handyproxy.log import logger
 from handyproxy.rules import RuleSet
-from handyproxy.sockets import tune_socket
+from handyproxy.sockets import reset_socket, tune_socket
+from handyproxy.supervisor.channel import Channel
+from handyproxy.supervisor.table import Row, SharedTable, bucket_of
 from handyproxy.tunnel import Hub, Tunnel
 from handyproxy.upstream import UpstreamSet
 
@@ -38,6 +42,9 @@ BACKOFF_LOG_EVERY = 10.0
 FD_HEADROOM = 8  # a tunnel needs up to 6: two sockets and, while busy, two pipes
 _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: The master's signals: a worker that gets one anyway (kill to the whole cgroup) ignores it
+#: rather than die with its tunnels by the default action.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StartupError(Exception):
@@ -51,6 +58,7 @@ def make_listeners(cfg: Config, count: int = 1) -> list[socket.socket]:
         for sock in inherited:
             sock.setblocking(False)
             tune_socket(sock)
+            reset_socket(sock)  # accepted sockets inherit the armed reset
         return inherited
     socks: list[socket.socket] = []
     port = cfg.local_port
@@ -86,6 +94,7 @@ def _bind(address: str, port: int, reuse_port: bool) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
             tune_socket(sock)
+            reset_socket(sock)  # accepted sockets inherit the armed reset (handyproxy.sockets)
             sock.listen(BACKLOG)
             sock.setblocking(False)
             return sock
@@ -100,23 +109,29 @@ def _bind(address: str, port: int, reuse_port: bool) -> socket.socket:
 class Server:
     """Owns the listeners and the lifecycle; each connection's story lives in tunnel.py."""
 
-    def __init__(self, cfg: Config, listeners: list[socket.socket], notify: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        listeners: list[socket.socket],
+        row: Row | None = None,
+        channel: Channel | None = None,
+    ) -> None:
         self.cfg = cfg
         self.listeners = listeners
-        self.notify = notify
+        self.channel = channel
         self.hub = Hub(
             config=cfg,
             listen_ports={s.getsockname()[1] for s in listeners},
             relay_cls=relay.load(cfg.relay),
             upstreams=UpstreamSet.from_config(cfg),
             rules=RuleSet.from_config(cfg),
+            row=row if row is not None else _private_row(),
         )
         self.stop_requested: asyncio.Event | None = None
         self.accept_paused = False
         self.backoff = BACKOFF_FIRST
         self.exhausted_count = 0
         self.exhausted_logged = 0.0
-        self.last_status = ""
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 30
         self.fd_base = len(os.listdir("/proc/self/fd"))
@@ -127,22 +142,65 @@ class Server:
         loop = asyncio.get_running_loop()
         self.hub.loop = loop
         self.stop_requested = asyncio.Event()
+        for sig in IGNORED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         for sig in _HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
+        channel = self.channel
         try:
             await self.hub.upstreams.start(loop)
+            metrics.attach(self.hub)
             self.start_accepting()
-            if self.notify:  # a worker's supervisor has announced the listeners already
-                log_listening(self.listeners, self.cfg)
-                systemd.ready("ready, 0 tunnels open")
+            if channel is not None:
+                loop.add_reader(channel.fileno(), self.on_message)
+                channel.send("ready")
             ticker = loop.create_task(self.tick_forever())
             await self.stop_requested.wait()
             ticker.cancel()
             self.hub.upstreams.close()
             await self.shutdown()
+            metrics.record.tick(self.hub)  # the last figures, before the process ends
         finally:
             for sig in _HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
+            if channel is not None and not channel.closed:
+                loop.remove_reader(channel.fileno())
+
+    def on_message(self) -> None:
+        """The master speaks: a new config to apply, or its end of the pair closed."""
+        assert self.channel is not None
+        for message in self.channel.received():
+            if message[0] == "config":
+                self.hub.loop.create_task(self.apply(message[1]))
+        if self.channel.closed:
+            self.hub.loop.remove_reader(self.channel.fileno())
+            if self.stop_requested is not None and not self.stop_requested.is_set():
+                # Without a master nobody would restart or stop us: finish and go.
+                logger.warning("master gone; draining")
+                self.request_stop()
+
+    async def apply(self, cfg: Config) -> None:
+        """Take a reloaded config for the tunnels accepted from now on; open ones keep theirs.
+
+        Upstreams that stayed the same keep their state (health, counters); the new set is
+        started before it replaces the old one, so a tunnel always finds a working set.
+        """
+        hub = self.hub
+        error = None
+        try:
+            upstreams = UpstreamSet.from_config(cfg, previous=hub.upstreams)
+            await upstreams.start(hub.loop)
+            old, hub.upstreams = hub.upstreams, upstreams
+            old.close()
+            hub.rules = RuleSet.from_config(cfg)
+            hub.relay_cls = relay.load(cfg.relay)
+            hub.config = self.cfg = cfg
+            log.setup(cfg.log_format, cfg.log_level)
+        except Exception as exc:  # the master reports it; this worker keeps the old config
+            logger.exception("applying the reloaded config failed")
+            error = f"{type(exc).__name__}: {exc}"
+        if self.channel is not None:
+            self.channel.send("applied", error)
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         if self.stop_requested is None or self.stop_requested.is_set():
@@ -154,8 +212,6 @@ class Server:
             "stopping: no new connections, draining open tunnels",
             extra={"fields": {"signal": sig.name if sig else "-", "open": len(self.hub.tunnels)}},
         )
-        if self.notify:
-            systemd.stopping(f"draining {len(self.hub.tunnels)} tunnels")
         self.stop_requested.set()
 
     def close_listeners(self) -> None:
@@ -254,32 +310,23 @@ class Server:
         hub, cfg = self.hub, self.cfg
         tunnel = Tunnel(hub, conn, addr)
         hub.total += 1
-        if cfg.max_connections and len(hub.tunnels) >= cfg.max_connections:
-            tunnel.refuse("connection-cap")
+        bucket = bucket_of(tunnel.client_ip)
+        # The caps hold for the instance: the shared table counts every worker's tunnels.
+        refused = hub.row.admit(bucket, cfg.max_connections, cfg.max_client_connections)
+        if refused:
+            tunnel.refuse(refused)
             return
-        if (
-            cfg.max_client_connections
-            and hub.per_client.get(tunnel.client_ip, 0) >= cfg.max_client_connections
-        ):
-            tunnel.refuse("client-cap")
-            return
+        tunnel.bucket = bucket
         hub.tunnels.add(tunnel)
-        hub.per_client[tunnel.client_ip] = hub.per_client.get(tunnel.client_ip, 0) + 1
         tunnel.task = hub.loop.create_task(tunnel.run())
 
     # Timers
 
     async def tick_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = TICK
-        watchdog = systemd.watchdog_interval() if self.notify else None
-        if watchdog:
-            interval = min(interval, watchdog)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(TICK)
             self.tick(loop.time())
-            if watchdog:
-                systemd.watchdog()
 
     def tick(self, now: float) -> None:
         idle, half = self.cfg.idle_timeout, self.cfg.half_close_timeout
@@ -287,10 +334,7 @@ class Server:
             for tunnel in list(self.hub.tunnels):
                 if tunnel.relay is not None:
                     tunnel.relay.check_timers(now, idle, half)
-        text = f"{len(self.hub.tunnels)} tunnels open"
-        if self.notify and text != self.last_status:
-            systemd.status(text)
-            self.last_status = text
+        metrics.record.tick(self.hub)
 
 
 def log_listening(listeners: list[socket.socket], cfg: Config, **fields: object) -> None:
@@ -304,6 +348,13 @@ def log_listening(listeners: list[socket.socket], cfg: Config, **fields: object)
         )
 
 
+def _private_row() -> Row:
+    """A table of one row, for a Server run without a master (its caps are its own)."""
+    table = SharedTable(rows=1)
+    table.reserve(0)
+    return table.row(0)
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
@@ -313,9 +364,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def serve(cfg: Config, listeners: list[socket.socket], notify: bool = True) -> int:
+def serve(
+    cfg: Config, listeners: list[socket.socket], row: Row | None, channel: Channel | None
+) -> int:
+    """Run one worker until it has stopped; its exit status."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(Server(cfg, listeners, notify).serve())
+        runner.run(Server(cfg, listeners, row, channel).serve())
     return 0
 
 
@@ -327,88 +381,10 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run(cfg: Config) -> int:
-    """Start the forwarder; the exit status is 0 after a clean stop, 3 when it cannot start."""
-    raise_fd_limit()
+def usable_relay(cfg: Config) -> Config:
+    """``cfg`` with a relay this kernel can run: splice falls back to copy, said once."""
     _, why = relay.choose(cfg.relay)
     if why:
         logger.warning(f"{cfg.relay} relay unavailable ({why}); using {relay.FALLBACK} instead")
         cfg = dataclasses.replace(cfg, relay=relay.FALLBACK)
-    try:
-        listeners = make_listeners(cfg, cfg.workers)
-    except StartupError as exc:
-        logger.error(str(exc))
-        return EXIT_STARTUP_FAILURE
-    if cfg.workers == 1:
-        return serve(cfg, listeners)
-    return supervise(cfg, listeners)
-
-
-def supervise(cfg: Config, listeners: list[socket.socket]) -> int:
-    """Run ``cfg.workers`` processes, one per listener (or all on the inherited ones).
-
-    The parent only forks, forwards SIGTERM/SIGINT, replaces workers that die unexpectedly and
-    speaks to systemd (NotifyAccess=main accepts only it).
-    """
-    shares = (
-        [[s] for s in listeners] if len(listeners) == cfg.workers else [listeners] * cfg.workers
-    )
-    log_listening(listeners, cfg, workers=cfg.workers)
-    children: dict[int, int] = {}
-    stopping = False
-
-    def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for sig in _HANDLED_SIGNALS:
-                    signal.signal(sig, signal.SIG_DFL)
-                # The other workers' listeners came along with fork(): holding them would keep
-                # those sockets (and their share of new clients) alive after their owners close.
-                for sock in listeners:
-                    if sock not in shares[index]:
-                        sock.close()
-                code = serve(cfg, shares[index], notify=False)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = index
-
-    def forward(sig: int, _frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            systemd.stopping(f"draining {cfg.workers} workers")
-            # No worker is started again, and the port must close with the workers' copies:
-            # while this process holds one, new clients would queue and then be reset.
-            for sock in listeners:
-                sock.close()
-        stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    for sig in _HANDLED_SIGNALS:
-        signal.signal(sig, forward)
-    for index in range(cfg.workers):
-        spawn(index)
-    systemd.ready(f"ready, {cfg.workers} workers")
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        index = children.pop(pid)
-        if not stopping:
-            logger.error(
-                "worker died; starting another",
-                extra={"fields": {"pid": pid, "status": os.waitstatus_to_exitcode(status)}},
-            )
-            time.sleep(0.1)
-            spawn(index)
-    for sock in listeners:
-        sock.close()
-    return 0
+    return cfg

@@ -2,19 +2,39 @@
 
 A reset on the wire is how a tunnel tells a peer "this transfer did not complete": the relays,
 the set-up and the tests' peers all ask for it through ``reset_socket``.
+
+A tunnel's sockets carry that reset *armed* from the start (the listener has it, accepted
+sockets inherit it; the relay arms the upstream side), so when the process dies without a word
+(SIGKILL, the OOM killer, a crash) the kernel's close sends RST, never a FIN that would make a
+truncated download look complete. Only a deliberate graceful close disarms it first
+(``keep_socket``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 
+#: Errors that mean "the peer (or the path to it) went away", not a fault of ours.
+PEER_RESETS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 15
 KEEPALIVE_COUNT = 4
 #: struct linger {l_onoff = 1, l_linger = 0}: close() sends RST and drops unsent data.
 LINGER_RESET = struct.pack("ii", 1, 0)
+#: struct linger {l_onoff = 0}: the default, close() sends FIN after the unsent data.
+LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 def reset_socket(sock: socket.socket | None) -> None:
@@ -23,6 +43,14 @@ def reset_socket(sock: socket.socket | None) -> None:
         return
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+
+
+def keep_socket(sock: socket.socket | None) -> None:
+    """Disarm the reset: the next close is graceful (FIN after every byte written)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
 
 
 def tune_socket(sock: socket.socket) -> None:

@@ -15,8 +15,9 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from handyproxy import origdst
+from handyproxy import metrics, origdst
 from handyproxy.address import authority, unmap
 from handyproxy.config import Config
 from handyproxy.connect import ConnectError
@@ -25,13 +26,22 @@ from handyproxy.relay.base import RelayBase
 from handyproxy.rules import UNDECIDED, Rule, RuleSet
 from handyproxy.sniff import http as sniff_http
 from handyproxy.sniff import tls as sniff_tls
-from handyproxy.sockets import reset_socket
+from handyproxy.sockets import PEER_RESETS, reset_socket
 from handyproxy.upstream import DEFAULT_GROUP, Upstream, UpstreamSet
 from handyproxy.upstream.dial import UpstreamPoll
 
 #: How long to wait for a client's first bytes on an upstream's port (allowed by
 #: -allow-upstream-ports) when sniffing is off: they decide whether it is a nested proxy request.
 PEEK_TIMEOUT = 1.0
+
+
+class PeerFailed(Exception):
+    """A peer's socket failed during set-up; ``side`` is "client" or "upstream"."""
+
+    def __init__(self, side: str, exc: OSError) -> None:
+        super().__init__(f"{side}: {exc}")
+        self.end = f"{side}-reset" if exc.errno in PEER_RESETS else "error"
+        self.reason = exc.strerror or type(exc).__name__
 
 
 @dataclass(eq=False)
@@ -46,7 +56,8 @@ class Hub:
     rules: RuleSet = field(default_factory=RuleSet)
     relay_cls: type[RelayBase] = None  # type: ignore[assignment]
     tunnels: set[Tunnel] = field(default_factory=set)
-    per_client: dict[str, int] = field(default_factory=dict)
+    #: This worker's row of the instance-wide counts (handyproxy.supervisor.table.Row).
+    row: Any = None
     total: int = 0
     draining: bool = False
 
@@ -55,6 +66,7 @@ class Tunnel:
     """Bookkeeping for one client connection, from accept to the access record."""
 
     __slots__ = (
+        "bucket",
         "client_ip",
         "client_port",
         "dst",
@@ -76,6 +88,7 @@ class Tunnel:
         self.sock = sock
         self.client_ip = unmap(client[0])  # v4 clients of a dual-stack socket count as v4
         self.client_port: int = client[1]
+        self.bucket = 0  # the client's bucket in the shared counts, set once admitted
         self.dst = "-"
         self.target = "-"
         self.via = "-"  # the upstream's name, "direct", or "-" before one was chosen
@@ -103,6 +116,10 @@ class Tunnel:
             if exc.upstream:
                 self.via = exc.upstream
             self.fail("connect-failed", exc.reason)
+        except PeerFailed as exc:
+            # An ordinary event on the wire (a client that gives up while being sniffed, an
+            # upstream that resets during the replay): the access record says so, no traceback.
+            self.fail(exc.end, exc.reason)
         except asyncio.CancelledError:
             self.fail("shutdown", "cancelled during setup")
             raise
@@ -148,7 +165,9 @@ class Tunnel:
             if peek and origdst.is_proxy_request(first):
                 self.refuse("proxy-request")
                 return
-            if not sniffing:
+            if sniffing:
+                metrics.record.sniffed(first, name)
+            else:
                 name = None
         if decided is UNDECIDED:
             decided = rules.decide(dst[0], dst[1], name)
@@ -163,7 +182,9 @@ class Tunnel:
         else:
             host = name or dst[0]
             self.target = authority(host, dst[1])
+            asked = hub.loop.time()
             opened = await upstreams.open(host, dst[1], rule.group if rule else DEFAULT_GROUP)
+            metrics.record.connected(hub.loop.time() - asked)
             self.upstream = up = opened.upstream
             self.via = up.name if up is not None else "-"
             self.status = opened.status
@@ -187,18 +208,25 @@ class Tunnel:
         """Deliver the bytes already read on each side, then hand both sockets to the relay."""
         loop = self.hub.loop
         relay_cls = self.hub.relay_cls
+        # Armed while bytes may flow, like the client side (inherited from the listener): if
+        # this process dies now, the origin's side sees a reset too, not a clean end.
+        reset_socket(upstream)
         if first or leftover or not relay_cls.adopts_reader:
             # A transport must find the socket unregistered, and while we wait to write
             # below, a parked reader would fire on every loop turn.
             self.drop_upstream(None)
         if first or leftover:
+            sent_first = False
             try:
                 if first:
                     await loop.sock_sendall(upstream, first)
+                sent_first = True
                 if leftover:
                     await loop.sock_sendall(self.sock, leftover)
+            except OSError as exc:
+                upstream.close()
+                raise PeerFailed("upstream" if sent_first is False else "client", exc) from None
             except BaseException:
-                reset_socket(upstream)
                 upstream.close()
                 raise
         relay = relay_cls(self.finished, loop.time())
@@ -227,13 +255,10 @@ class Tunnel:
             hub.tunnels.discard(self)
             if self.upstream is not None:
                 self.upstream.tunnels_open -= 1
-            n = hub.per_client.get(self.client_ip, 0) - 1
-            if n > 0:
-                hub.per_client[self.client_ip] = n
-            else:
-                hub.per_client.pop(self.client_ip, None)
+            hub.row.add(self.bucket, -1)
 
     def log(self, end: str, reason: str | None = None) -> None:
+        metrics.record.ended(self, end, reason)
         if not access.isEnabledFor(logging.INFO):
             return
         relay = self.relay
@@ -272,6 +297,8 @@ async def sniff(sock: socket.socket, timeout: float, max_bytes: int) -> tuple[by
                 chunk = await loop.sock_recv(sock, max_bytes - len(buf))
         except TimeoutError:
             break
+        except OSError as exc:
+            raise PeerFailed("client", exc) from None
         if not chunk:
             break
         buf += chunk

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Build ./wheelhouse/: the handyproxy wheel from this checkout plus the uvloop wheel for the
-# hosts' Python (CPython 3.11, x86_64, manylinux), so the Ansible role can install offline.
+# Build ./wheelhouse/: the handyproxy wheel from this checkout plus the uvloop and
+# prometheus-client wheels for the hosts' Python (CPython 3.11, x86_64, manylinux), so the Ansible role can install offline.
 #
 # Idempotent: the handyproxy wheel is built from a clean copy of the sources with a fixed
 # timestamp (SOURCE_DATE_EPOCH), so unchanged sources give a byte-identical wheel and the file in
-# wheelhouse/ is left untouched; the role then sees no change either. The uvloop wheel is
-# downloaded only when it is missing. Wheels of other handyproxy/uvloop versions are removed.
+# wheelhouse/ is left untouched; the role then sees no change either. The dependencies' wheels
+# are downloaded only when missing. Wheels of other versions are removed.
 #
 # Environment: WHEELHOUSE_DIR (default: <repo>/wheelhouse), PYTHON (a Python with pip; default
 # <repo>/.venv/bin/python, else python3), TARGET_PYTHON_VERSION (3.11), TARGET_PLATFORMS
@@ -22,14 +22,15 @@ TARGET_PLATFORMS=${TARGET_PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64
 # A fixed date: zip entries carry timestamps, and wheel honours SOURCE_DATE_EPOCH.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800}
 
-uvloop_spec() {
-    if [[ -n ${UVLOOP_SPEC:-} ]]; then
+# pinned_spec NAME: NAME==VERSION as requirements-dev.txt pins it (UVLOOP_SPEC overrides uvloop's).
+pinned_spec() {
+    local name=$1 pin
+    if [[ $name == uvloop && -n ${UVLOOP_SPEC:-} ]]; then
         printf '%s\n' "$UVLOOP_SPEC"
         return
     fi
-    local pin
-    pin=$(grep -Eo '^uvloop==[^[:space:];#]+' "$ROOT/requirements-dev.txt" 2>/dev/null || true)
-    printf '%s\n' "${pin:-uvloop}"
+    pin=$(grep -Eo "^$name==[^[:space:];#]+" "$ROOT/requirements-dev.txt" 2>/dev/null || true)
+    printf '%s\n' "${pin:-$name}"
 }
 
 build_handyproxy() {
@@ -66,14 +67,17 @@ build_handyproxy() {
         | sed 's/^/build-wheelhouse: removed old /' >&2
 }
 
-fetch_uvloop() {
-    local work=$1 spec version existing
-    spec=$(uvloop_spec)
-    version=${spec#uvloop==}
+# fetch_wheel WORK NAME: the pinned wheel of a runtime dependency for the hosts' Python,
+# unless it is there already.
+fetch_wheel() {
+    local work=$1 name=$2 spec version existing file
+    spec=$(pinned_spec "$name")
+    version=${spec#"$name"==}
+    file=${name//-/_}  # wheel file names spell prometheus-client as prometheus_client
     local pyver=${TARGET_PYTHON_VERSION//./}
-    if [[ $spec == uvloop==* ]]; then
-        existing=$(find "$OUT" -maxdepth 1 -name "uvloop-$version-cp$pyver-cp$pyver-*x86_64.whl" \
-            -print -quit)
+    if [[ $spec == "$name"==* ]]; then
+        existing=$(find "$OUT" -maxdepth 1 \( -name "$file-$version-cp$pyver-cp$pyver-*x86_64.whl" \
+            -o -name "$file-$version-py3-none-any.whl" \) -print -quit)
         if [[ -n $existing ]]; then
             log "$(basename "$existing") is present"
             return 0
@@ -83,17 +87,17 @@ fetch_uvloop() {
     for platform in $TARGET_PLATFORMS; do
         args+=(--platform "$platform")
     done
-    mkdir -p "$work/uvloop"
+    mkdir -p "$work/$name"
     "$PYTHON" -m pip download --disable-pip-version-check --no-input --no-deps \
         --only-binary=:all: --implementation cp --python-version "$TARGET_PYTHON_VERSION" \
-        --abi "cp$pyver" "${args[@]}" --dest "$work/uvloop" "$spec" >"$work/pip-download.log" 2>&1 || {
+        --abi "cp$pyver" "${args[@]}" --dest "$work/$name" "$spec" >"$work/pip-download.log" 2>&1 || {
         cat "$work/pip-download.log" >&2
         return 1
     }
     local got
-    got=$(find "$work/uvloop" -name 'uvloop-*.whl' -print -quit)
-    [[ -n $got ]] || { log "pip download produced no uvloop wheel"; return 1; }
-    find "$OUT" -maxdepth 1 -name 'uvloop-*.whl' ! -name "$(basename "$got")" -print -delete \
+    got=$(find "$work/$name" -name "$file-*.whl" -print -quit)
+    [[ -n $got ]] || { log "pip download produced no $name wheel"; return 1; }
+    find "$OUT" -maxdepth 1 -name "$file-*.whl" ! -name "$(basename "$got")" -print -delete \
         | sed 's/^/build-wheelhouse: removed old /' >&2
     mv "$got" "$OUT/"
     log "downloaded $(basename "$got")"
@@ -106,7 +110,8 @@ main() {
     # shellcheck disable=SC2064  # expand $work now: the trap must remove this very directory
     trap "rm -rf '$work'" EXIT
     build_handyproxy "$work"
-    fetch_uvloop "$work"
+    fetch_wheel "$work" uvloop
+    fetch_wheel "$work" prometheus-client
     log "wheelhouse: $OUT"
     ls -1 "$OUT" >&2
 }

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 from handyproxy.relay.base import RelayBase
-from handyproxy.sockets import reset_socket
+from handyproxy.sockets import keep_socket, reset_socket
 
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
@@ -25,6 +25,12 @@ LOW_WATER = 16 * 1024
 def reset_transport(transport: asyncio.BaseTransport) -> None:
     reset_socket(transport.get_extra_info("socket"))
     transport.abort()
+
+
+def close_transport(transport: asyncio.BaseTransport) -> None:
+    """A graceful close: the armed reset is taken off first (see handyproxy.sockets)."""
+    keep_socket(transport.get_extra_info("socket"))
+    transport.close()
 
 
 class Half(asyncio.Protocol):
@@ -149,7 +155,7 @@ class CopyRelay(RelayBase):
             self.end = self.end or "eof"
             for h in (half, peer):
                 if not h.closed:
-                    h.transport.close()
+                    close_transport(h.transport)
 
     def half_lost(self, half: Half, exc: Exception | None) -> None:
         peer = half.peer
@@ -159,7 +165,10 @@ class CopyRelay(RelayBase):
                 reset_transport(peer.transport)
         elif not peer.closed and peer.transport is not None:
             self.end = self.end or "eof"
-            peer.transport.close()
+            if self.end == "eof":
+                close_transport(peer.transport)
+            else:  # lost after fail() aborted it: the peer's armed reset must stay armed
+                peer.transport.close()
         if peer.closed:
             self.on_done(self)
 

@@ -18,13 +18,12 @@ import socket
 from collections.abc import Callable
 
 from handyproxy.relay.base import RelayBase
-from handyproxy.sockets import reset_socket
+from handyproxy.sockets import PEER_RESETS, keep_socket, reset_socket
 
 PIPE_SIZE = 256 * 1024
 COPY_CHUNK = 64 * 1024
 POOL_MAX = 64
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_RESETS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
 
 
 class PipePool:
@@ -338,7 +337,7 @@ class SpliceRelay(RelayBase):
             self.close(reset=False)
 
     def failed(self, side: str, exc: OSError) -> None:
-        reason = f"{side}-reset" if exc.errno in _RESETS else "error"
+        reason = f"{side}-reset" if exc.errno in PEER_RESETS else "error"
         self.abort(reason)
 
     def abort(self, reason: str) -> None:
@@ -353,6 +352,8 @@ class SpliceRelay(RelayBase):
         for sock in (self.client, self.upstream):
             if reset:
                 reset_socket(sock)
+            else:
+                keep_socket(sock)
             sock.close()
         self.client = self.upstream = None
         self.on_done(self)

@@ -160,7 +160,7 @@ def start_handyproxy(lab: netns.Lab) -> Iterator[Callable[..., Forwarder]]:
 
     Flags come as argv strings or as keywords (``dial_timeout="1s"`` → ``-dial-timeout 1s``).
     ``redirect`` picks the chain (``prerouting``, ``output``; None or False: no rule), and
-    ``family`` and ``skip_uid`` go to ``Lab.redirect``; ``port``, ``nofile`` and ``env`` to
+    ``family`` and ``skip_uid`` go to ``Lab.redirect``; ``port``, ``nofile``, ``env`` and ``cwd`` to
     ``kit.forwarder.launch``.
     """
     started: list[Forwarder] = []

@@ -170,6 +170,7 @@ def launch(
     port: int = 0,
     nofile: int | None = None,
     env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
     **flags: Any,
 ) -> Forwarder:
     """Start the forwarder in the router namespace; returns once it accepts connections.
@@ -178,6 +179,7 @@ def launch(
     keywords (``relay="copy"``); both win over ``DEFAULT_FLAGS``. With ``port`` 0 the port is
     the one its ``listening on`` line reports; a fixed port is needed when that line is not
     logged (``-log-level warning``), and then readiness is the socket showing up in ``ss``.
+    ``cwd`` is where it runs: ``python -m`` looks there first, before ``PYTHONPATH``.
     """
     port = int(flags.pop("local_port", port))
     given = flag_names(list(argv)) | set(flags)
@@ -190,6 +192,7 @@ def launch(
         [*nofile_prefix(nofile), *command],
         name="handyproxy",
         env={**os.environ, **env} if env is not None else None,
+        cwd=cwd,
     )
     fwd = Forwarder(proc, log, port, command)
     try:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from handyproxy import __version__, cli, log, server
+from handyproxy import __version__, cli, log
 from handyproxy.config import Config
+from handyproxy.supervisor import master
 from handyproxy.upstream import UpstreamSpec
 
 SERVER_RAN = 99
@@ -25,7 +26,7 @@ def first_upstream(cfg: Config) -> tuple[str, int]:
 @pytest.fixture(autouse=True)
 def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """``cli.main`` with flags that parse would start a real listener; stand in for it."""
-    monkeypatch.setattr(server, "run", lambda cfg: SERVER_RAN)
+    monkeypatch.setattr(master, "run", lambda cfg, argv: SERVER_RAN)
     monkeypatch.setattr(log, "setup", lambda *args, **kwargs: None)
 
 
@@ -106,7 +107,7 @@ def test_valid_flags_reach_the_server_with_the_parsed_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[Config] = []
-    monkeypatch.setattr(server, "run", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setattr(master, "run", lambda cfg, argv: seen.append(cfg) or 0)
     assert cli.main(["-local-port", "8043"]) == 0
     assert [cfg.local_port for cfg in seen] == [8043]
 

@@ -17,6 +17,7 @@ testinfra_hosts = helpers.hosts_in("handyproxy")
 LAB = helpers.lab()
 INSTANCES = helpers.host_vars(testinfra_hosts[0])["handyproxy_instances"]
 PORTS = {instance["name"]: instance["local_port"] for instance in INSTANCES}
+METRICS = {i["name"]: i["metrics_address"] for i in INSTANCES if i.get("metrics_address")}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_no_other_port_is_listened_on_by_the_forwarder(host):
         for line in host.check_output("ss -Hltne").splitlines()
         if f"uid:{uid} " in line
     }
-    assert ports == set(PORTS.values())
+    metrics_ports = {int(address.rsplit(":", 1)[1]) for address in METRICS.values()}
+    assert ports == set(PORTS.values()) | metrics_ports
 
 
 def test_table_holds_exactly_the_expected_rules(host):
@@ -212,3 +214,13 @@ def test_systemctl_restart_during_downloads_loses_nothing(host):
     after = host.run(f"curl -sS --max-time 15 -o /tmp/dl/after {url}")
     assert after.rc == 0, after.stderr
     assert host.check_output("sha256sum /tmp/dl/after").split()[0] == want
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_metrics_endpoint_answers_with_the_instance_figures(host, name):
+    text = host.check_output("curl -sS --max-time 5 http://%s/metrics", METRICS[name])
+    assert 'handyproxy_build_info{version="' in text
+    assert 'handyproxy_tunnels_total{end="eof"}' in text
+    # The unit hides /proc/stat (ProcSubset=pid); the process figures come from /proc/PID.
+    assert "process_open_fds " in text
+    assert "handyproxy_workers 1.0" in text

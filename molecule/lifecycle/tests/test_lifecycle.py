@@ -8,8 +8,11 @@ restart nftables.service and the container, and finally remove the role (vars/ab
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,25 @@ BYSTANDER = (
     "table inet bystander { chain input { type filter hook input priority 0; policy accept; }; }"
 )
 
-# Main PIDs recorded before the change, to tell restarted instances from untouched ones.
+LAB = helpers.lab()
+REPO = SCENARIO.parent.parent
+DOWNLOADS = REPO / "tests" / "kit" / "downloads.py"
+ORIGIN = LAB["origin4"]
+ALPHA = f"{LAB['proxy_front4']}:3128"
+BETA = f"{LAB['proxy_front4']}:8888"
+HELD = 100
+WORK = "/var/tmp/load"  # not /tmp: a tmpfs there, where docker cp cannot write
+# A tunnel every 10 ms through "switch" (captures this host's port 80), each curl in the
+# background so a slow one does not slow the pace; one "HTTP-CODE CURL-EXIT" line each.
+TICKER = (
+    f"while [ ! -e {WORK}/stop ]; do"
+    f" curl -s -o /dev/null --max-time 20 -w '%{{http_code}} %{{exitcode}}\\n'"
+    f" http://{ORIGIN}/whoami >> {WORK}/tick & sleep 0.01; done; wait; touch {WORK}/ticked"
+)
+
+# Main PIDs and start times recorded before the change: a reload keeps both.
 PIDS: dict[str, str] = {}
+STARTED: dict[str, str] = {}
 
 
 def playbook(*args: str) -> tuple[int, int, str]:
@@ -55,6 +75,12 @@ def playbook(*args: str) -> tuple[int, int, str]:
 
 def main_pid(host, name: str) -> str:
     return host.check_output("systemctl show -p MainPID --value handyproxy@%s.service", name)
+
+
+def start_stamp(host, name: str) -> str:
+    return host.check_output(
+        "systemctl show -p ExecMainStartTimestampMonotonic --value handyproxy@%s.service", name
+    )
 
 
 def listening_ports(host) -> set[int]:
@@ -85,10 +111,59 @@ def assert_serving(host, instances: list[dict[str, Any]]) -> None:
     )
 
 
+class Load:
+    """On the host, through "switch": 100 downloads of the origin's blob held open mid-body
+    (tests/kit/downloads.py) and the ticker, started before the playbook runs; ``finish``
+    lets the downloads run to their end and stops the ticker."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        host.check_output(f"rm -rf {WORK} && mkdir -p {WORK}")
+        subprocess.run(
+            ["docker", "cp", str(DOWNLOADS), f"{HOST_NAME}:{WORK}/downloads.py"],
+            check=True,
+            timeout=60,
+        )
+        host.check_output(
+            f"setsid python3 {WORK}/downloads.py --host {ORIGIN} --name {ORIGIN} --path /blob"
+            f" --count {HELD} --go-file {WORK}/go > {WORK}/downloads.out 2>&1 < /dev/null &"
+        )
+        assert helpers.wait_until(lambda: '"ready"' in self.out(), timeout=60), self.out()
+        host.check_output(f"setsid bash -c {shlex.quote(TICKER)} > /dev/null 2>&1 < /dev/null &")
+        assert helpers.wait_until(lambda: len(self.ticks()) >= 20, timeout=30)
+
+    def out(self) -> str:
+        return self.host.run(f"cat {WORK}/downloads.out").stdout
+
+    def ticks(self) -> list[str]:
+        return self.host.run(f"cat {WORK}/tick").stdout.splitlines()
+
+    def finish(self) -> tuple[list[dict[str, Any]], list[str]]:
+        self.host.check_output(f"touch {WORK}/stop {WORK}/go")
+        assert helpers.wait_until(lambda: '"done"' in self.out(), timeout=180), self.out()
+        ticked = lambda: self.host.file(f"{WORK}/ticked").exists  # noqa: E731
+        assert helpers.wait_until(ticked, timeout=60)
+        lines = [json.loads(line) for line in self.out().splitlines() if line.startswith('{"i"')]
+        return lines, self.ticks()
+
+
+def assert_nothing_lost(downloads: list[dict[str, Any]], ticks: list[str]) -> None:
+    origin = helpers.host_in("origin")
+    sha = origin.check_output("sha256sum /srv/origin/blob.bin").split()[0]
+    size = int(origin.check_output("stat -c %s /srv/origin/blob.bin"))
+    assert len(downloads) == HELD
+    broken = [d for d in downloads if (d["end"], d["size"], d["sha256"]) != ("eof", size, sha)]
+    assert broken == [], broken[:5]  # 0 truncated
+    failed = [t for t in ticks if t != "200 0"]
+    assert failed == [], f"{len(failed)} of {len(ticks)} tunnels failed: {failed[:10]}"
+    assert len(ticks) >= 50
+
+
 def test_first_inventory_is_served(host):
     assert_serving(host, BEFORE)
     for instance in BEFORE:
         PIDS[instance["name"]] = main_pid(host, instance["name"])
+        STARTED[instance["name"]] = start_stamp(host, instance["name"])
 
 
 def test_check_mode_reports_the_change_and_changes_nothing(host):
@@ -99,10 +174,16 @@ def test_check_mode_reports_the_change_and_changes_nothing(host):
     assert {i["name"]: main_pid(host, i["name"]) for i in BEFORE} == PIDS
 
 
-def test_changed_inventory_converges(host):
+def test_changed_inventory_converges_under_load_refusing_and_truncating_nothing(host):
+    load = Load(host)
     rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+    downloads, ticks = load.finish()
     assert rc == 0, output[-4000:]
     assert changed > 0
+    assert_nothing_lost(downloads, ticks)
+    records = host.check_output("journalctl --no-pager -o cat -u handyproxy@switch.service")
+    assert f"upstream={BETA} " in records  # new tunnels took the new upstream
+    assert f"upstream={ALPHA} " in records  # the held downloads kept theirs
 
 
 def test_changed_inventory_converges_again_without_changes(host):
@@ -116,15 +197,67 @@ def test_nothing_of_the_old_inventory_is_left(host):
     assert not host.file("/etc/handyproxy/drop.toml").exists
     assert host.run("systemctl is-active handyproxy@drop.service").stdout.strip() != "active"
     switch = host.file("/etc/handyproxy/switch.toml").content_string
-    assert 'upstream-proxy = "198.51.100.12:8080"' in switch
+    assert f'upstream-proxy = "{BETA}"' in switch
     move = host.file("/etc/handyproxy/move.toml").content_string
     assert "local-port = 18013" in move
 
 
-def test_only_changed_instances_were_restarted(host):
-    assert main_pid(host, "keep") == PIDS["keep"]
-    assert main_pid(host, "switch") != PIDS["switch"]
-    assert main_pid(host, "move") != PIDS["move"]
+def test_changed_instances_were_reloaded_not_restarted(host):
+    """A new upstream is a reload in place; a new port goes through the upgrade path (the master
+    re-executes itself and binds the new port before letting go of the old one). Neither is a
+    restart: the main process and its start time stay."""
+    for name in ("keep", "switch", "move"):
+        assert main_pid(host, name) == PIDS[name], name
+        assert start_stamp(host, name) == STARTED[name], name
+    journal = "journalctl --no-pager -o cat -u handyproxy@%s.service"
+    assert "reload done" in host.check_output(journal, "switch")
+    assert "upgrade done" in host.check_output(journal, "move")
+    assert "reload done" not in host.check_output(journal, "keep")
+
+
+def test_a_wheel_upgrade_under_load_refuses_truncates_and_restarts_nothing(host, tmp_path):
+    """A rebuilt wheel with a bumped version: the role reloads, each master re-executes itself
+    on the new code (same PID, same start time), the held downloads finish on the old workers."""
+    version = re.search(r'__version__ = "([^"]+)"', (REPO / "handyproxy/__init__.py").read_text())
+    assert version
+    bumped = f"{version.group(1)}.post1"
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("handyproxy", "scripts"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy(REPO / name, src / name)
+    init = src / "handyproxy" / "__init__.py"
+    init.write_text(init.read_text().replace(version.group(1), bumped))
+    wheelhouse = tmp_path / "wheelhouse"
+    subprocess.run(
+        ["bash", str(src / "scripts" / "build-wheelhouse.sh")],
+        env={**os.environ, "WHEELHOUSE_DIR": str(wheelhouse)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    pids = {i["name"]: main_pid(host, i["name"]) for i in AFTER}
+    load = Load(host)
+    rc, changed, output = playbook(
+        "-e",
+        f"@{SCENARIO / 'vars' / 'changed.yml'}",
+        "-e",
+        f"handyproxy_wheelhouse_dir={wheelhouse}",
+    )
+    downloads, ticks = load.finish()
+    assert rc == 0, output[-4000:]
+    assert changed > 0
+    assert_nothing_lost(downloads, ticks)
+    for instance in AFTER:
+        name = instance["name"]
+        assert main_pid(host, name) == pids[name], name
+        assert start_stamp(host, name) == STARTED[name], name
+        status = host.check_output(
+            "/opt/handyproxy/venv/bin/handyproxy -status -control-socket %s",
+            f"/run/handyproxy/{name}/control",
+        )
+        assert status.startswith(f"handyproxy: ok handyproxy {bumped}:"), status
 
 
 def test_rules_come_back_after_nftables_restart(host):

@@ -32,6 +32,7 @@ OPTION_KINDS: dict[str, str] = {
     "log_format": "log_format",
     "log_level": "log_level",
     "workers": "int_positive",
+    "metrics_address": "hostport_or_empty",
 }
 INSTANCE_KEYS = {"name", "local_port", "upstream_proxy", "capture", *OPTION_KINDS}
 CAPTURE_KEYS = {"chain", "family", "interfaces", "sources", "ports", "exclude"}
@@ -176,6 +177,10 @@ def _check_option(key: str, value: Any) -> str | None:
                 ipaddress.ip_address(value)
             except ValueError:
                 return f"{value!r} must be an IP literal or empty (all addresses)"
+    elif kind == "hostport_or_empty":
+        parts = split_upstream(value) if value != "" else ("", 1)
+        if parts is None or parts[1] is None or not 1 <= parts[1] <= 65535:
+            return f"{value!r} must be host:port or [v6]:port (port 1-65535), or empty (off)"
     elif kind == "log_format":
         if value not in LOG_FORMATS:
             return f"{value!r} must be one of {', '.join(LOG_FORMATS)}"
@@ -333,6 +338,24 @@ def preflight_errors(instances: Any, defaults: Any, host: str) -> list[str]:
                     f"host {host}: {label}: local_port: {port} is already used by {ports[port]}"
                 )
             ports.setdefault(port, f"handyproxy_instances[{position}] ({name!r})")
+    # Metrics ports, after every local port is known: one may not take another's port.
+    merged = merge_instances(instances, defaults)
+    taken: dict[int, str] = {}
+    for position, instance in enumerate(merged):
+        parts = split_upstream(instance.get("metrics_address") or "")
+        if not parts or parts[1] is None:
+            continue
+        name = instance.get("name")
+        label = f"instance {name!r}" if isinstance(name, str) and name else f"[{position}]"
+        port = parts[1]
+        other = ports.get(port) or taken.get(port)
+        if other:
+            what = "local_port" if port in ports else "metrics_address"
+            errors.append(
+                f"host {host}: {label}: metrics_address: port {port} is already the {what} of"
+                f" {other}"
+            )
+        taken.setdefault(port, f"handyproxy_instances[{position}] ({name!r})")
     return errors
 
 

@@ -63,6 +63,31 @@ def test_duplicate_ports_and_names_are_both_reported():
     assert any("local_port: 8443 is already used" in e for e in errors)
 
 
+@pytest.mark.parametrize("value", ["127.0.0.1", "127.0.0.1:0", "::1:9464", "127.0.0.1:x", 9464])
+def test_a_bad_metrics_address_names_the_field(value):
+    (error,) = errors_for(instance(metrics_address=value))
+    assert error.startswith("host router1: instance 'alice': metrics_address: ")
+
+
+def test_metrics_addresses_pass_and_render_as_toml():
+    for value in ("127.0.0.1:9464", "[::1]:9464", "localhost:9464", ""):
+        assert errors_for(instance(metrics_address=value)) == []
+    assert f.toml_value("127.0.0.1:9464", "metrics_address") == '"127.0.0.1:9464"'
+
+
+def test_a_metrics_port_may_not_be_taken_twice_on_a_host():
+    (clash,) = errors_for(
+        instance(metrics_address="127.0.0.1:9464"),
+        instance(name="bob", local_port=8444, metrics_address="127.0.0.1:9464"),
+    )
+    assert clash.startswith("host router1: instance 'bob': metrics_address: port 9464 is already")
+    (local,) = errors_for(instance(metrics_address="127.0.0.1:8443"))
+    assert "is already the local_port of" in local
+    # The same address for every instance through the defaults is a clash too.
+    both = [instance(), instance(name="bob", local_port=8444)]
+    assert len(errors_for(*both, defaults={"metrics_address": "127.0.0.1:9464"})) == 1
+
+
 def test_unknown_chain_and_family_are_rejected():
     errors = errors_for(instance(capture=[{"chain": "forward", "family": "ipx"}]))
     assert any("capture[0].chain: 'forward'" in e for e in errors)
