@@ -23,22 +23,6 @@ ORIGIN_NAME = LAB["ntlm_proxy"]["origin_name"]
 CURL = "env -i /usr/bin/curl -sS --max-time 20 -k --fail"
 
 
-@pytest.fixture(scope="module")
-def client():
-    return helpers.host_in("client")
-
-
-@pytest.fixture(scope="module")
-def proxy():
-    return helpers.host_in("proxy")
-
-
-@pytest.fixture(scope="module")
-def blob_sha256():
-    origin = helpers.host_in("origin")
-    return origin.check_output("sha256sum /srv/origin/blob.bin").split()[0]
-
-
 def test_stock_cntlm_service_is_masked_and_nothing_took_its_port(host):
     assert host.package("cntlm").is_installed
     assert host.check_output("systemctl is-enabled cntlm.service || true") == "masked"

@@ -24,22 +24,6 @@ PORT = LAN["local_port"]
 CURL = "env -i /usr/bin/curl -sS --max-time 20"
 
 
-@pytest.fixture(scope="module")
-def client():
-    return helpers.host_in("client")
-
-
-@pytest.fixture(scope="module")
-def proxy():
-    return helpers.host_in("proxy")
-
-
-@pytest.fixture(scope="module")
-def blob_sha256():
-    origin = helpers.host_in("origin")
-    return origin.check_output("sha256sum /srv/origin/blob.bin").split()[0]
-
-
 def test_instance_is_enabled_active_and_listening(host):
     service = host.service("handyproxy@lan.service")
     assert service.is_enabled
