@@ -48,7 +48,7 @@ def test_each_owner_runs_its_own_hardened_cntlm_on_its_loopback_port(host, name)
     assert "ProtectSystem=strict" in props
     assert "CapabilityBoundingSet=" in props
     pid = host.check_output(f"systemctl show -p MainPID --value {unit}")
-    assert host.check_output(f"ps -o user= -p {pid}") == "handyproxy-cntlm"
+    assert host.check_output(f"ps -o user:32= -p {pid}") == "handyproxy-cntlm"
 
 
 @pytest.mark.parametrize("name", sorted(TENANTS))
