@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -56,9 +57,16 @@ from bench.tools import (
     parse_wrk,
     rss_kib,
 )
+from handyproxy.address import authority
+from handyproxy.config import Config
 from handyproxy.lab import netns as labmod
 
 ORIGIN = labmod.ORIGIN_V4
+ORIGIN_ADDRESS = {4: labmod.ORIGIN_V4, 6: labmod.ORIGIN_V6}
+#: What the TLS figure's client asks for (SNI): resolves to the origin in the client and
+#: upstream namespaces, so a sniffing forwarder's CONNECT names it and the upstream reaches it.
+ORIGIN_NAME = "bench-origin.test"
+HTTPS_PORT = 8443
 UPSTREAM_IP = labmod.UPSTREAM_V4
 IPERF_PORT = 5201
 ECHO_PORT = 9000
@@ -72,7 +80,7 @@ DEFAULT_UPSTREAMS = {"bulk": "squid", "connect": "tinyproxy", "latency": "tinypr
 SYSCTLS_ALL = (
     "net.ipv4.ip_local_port_range=1024 65535",
     # the listeners of the run start late: keep outgoing connections off their ports
-    "net.ipv4.ip_local_reserved_ports=3128-3129,5201,8080,9000,12000-12099",
+    "net.ipv4.ip_local_reserved_ports=3128-3129,5201,8080,8443,9000,12000-12099",
     "net.ipv4.tcp_tw_reuse=1",
     "net.core.somaxconn=65535",
     "net.ipv4.tcp_max_syn_backlog=65535",
@@ -103,6 +111,8 @@ class Subject:
     name: str
     forwarder: Forwarder | None = None
     via: str | None = None
+    family: int = 4  # the client's: 6 sends every figure's traffic to the origin's IPv6 address
+    figures: tuple[str, ...] = ("bulk", "connect", "latency", "memory")
     proc: subprocess.Popen[Any] | None = None
     error: str | None = None
     raw: dict[str, list[dict]] = field(default_factory=dict)
@@ -116,7 +126,13 @@ class Subject:
     def start(self, bench: Bench) -> None:
         fw = self.forwarder
         assert fw is not None
-        self.result.update(version=fw.version(), argv=shlex.join(fw.argv()), workers=fw.workers)
+        self.result.update(
+            version=fw.version(),
+            argv=shlex.join(fw.argv()),
+            workers=fw.workers,
+            family=self.family,
+            figures=list(self.figures),
+        )
         self.proc = bench.start_forwarder(fw)
 
     def stop(self, bench: Bench) -> None:
@@ -148,7 +164,13 @@ class Subject:
                 }
             out["cpu_s_per_gib"] = round(total_c / (total_b / 2**30), 3) if total_b else None
             res["bulk"] = out
-        if conn := [r for r in self.raw.get("connect", []) if "error" not in r]:
+        for figure in ("connect", "connect_tls"):
+            self.aggregate_connect(figure)
+        self.aggregate_latency()
+
+    def aggregate_connect(self, figure: str) -> None:
+        res = self.result
+        if conn := [r for r in self.raw.get(figure, []) if "error" not in r]:
             runs = []
             for i, c in enumerate(self.args_concurrency(conn)):
                 rr = [r["runs"][i] for r in conn]
@@ -172,13 +194,16 @@ class Subject:
                 )
             clean = [r for r in runs if r["errors"] == 0 and r["requests"]]
             top = max(clean, key=lambda r: r["rps"]) if clean else None
-            res["connect"] = {
+            res[figure] = {
                 "runs": runs,
                 "best_rps": top["rps"] if top else 0.0,
                 "best_connections": top["connections"] if top else None,
                 "cpu_s": top["cpu_s"] if top else None,
                 "cpu_us_per_tunnel": top["cpu_us_per_tunnel"] if top else None,
             }
+
+    def aggregate_latency(self) -> None:
+        res = self.result
         if lat := [r for r in self.raw.get("latency", []) if "p99_us" in r]:
             res["latency"] = {
                 k: median([r[k] for r in lat])
@@ -223,7 +248,26 @@ class Bench:
     def setup(self) -> None:
         for role in labmod.ROLES:
             self.sysctl(role, *SYSCTLS_ALL)
-        self.bg("origin", ["iperf3", "-s", "-B", ORIGIN, "-p", str(IPERF_PORT)])
+        # Without -B iperf3 listens on both families (one dual-stack socket).
+        self.bg("origin", ["iperf3", "-s", "-p", str(IPERF_PORT)])
+        names = {ORIGIN_NAME: ORIGIN}
+        self.lab.hosts("client", names)
+        self.lab.hosts("upstream", names)
+        cert, key = self.workdir / "origin.crt", self.workdir / "origin.key"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", f"/CN={ORIGIN_NAME}", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        for kind, host, port, procs in (
+            ("echo", labmod.ORIGIN_V6, ECHO_PORT, 2),
+            ("http", labmod.ORIGIN_V6, HTTP_PORT, 1),
+        ):
+            self.bg("origin", [self.python, "-m", "bench.servers", kind, "--host", host,
+                               "--port", str(port), "--procs", str(procs)])  # fmt: skip
+        self.bg("origin", [self.python, "-m", "bench.servers", "http", "--host", ORIGIN,
+                           "--port", str(HTTPS_PORT), "--procs", "2",
+                           "--cert", str(cert), "--key", str(key)])  # fmt: skip
         self.bg(
             "origin",
             [
@@ -254,8 +298,8 @@ class Bench:
                 "2",
             ],
         )
-        for port in (IPERF_PORT, ECHO_PORT, HTTP_PORT):
-            self.wait_listen("origin", port)
+        for port, count in ((IPERF_PORT, 1), (ECHO_PORT, 2), (HTTP_PORT, 2), (HTTPS_PORT, 1)):
+            self.wait_listen("origin", port, count=count)
 
     def cmd(self, argv: list[str]) -> list[str]:
         """Every program of the run gets the same priority (``--nice``): on a shared machine
@@ -416,8 +460,9 @@ class Bench:
 
     # Load tools
 
-    def iperf(self, seconds: float, reverse: bool) -> dict:
-        argv = ["iperf3", "-c", ORIGIN, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+    def iperf(self, seconds: float, reverse: bool, family: int = 4) -> dict:
+        origin = ORIGIN_ADDRESS[family]
+        argv = ["iperf3", "-c", origin, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
         if reverse:
             argv.append("-R")
         proc = self.lab.run(
@@ -436,7 +481,7 @@ class Bench:
             "gbps": round(recv["bits_per_second"] / 1e9, 3),
         }
 
-    def wrk(self, connections: int, seconds: float) -> dict:
+    def wrk(self, connections: int, seconds: float, url: str = "") -> dict:
         argv = [
             "wrk",
             "-t1",
@@ -446,7 +491,7 @@ class Bench:
             "5s",
             "-H",
             "Connection: close",
-            f"http://{ORIGIN}:{HTTP_PORT}/",
+            url or f"http://{ORIGIN}:{HTTP_PORT}/",
         ]
         proc = self.lab.run(
             "client", self.cmd(argv), capture_output=True, text=True, timeout=seconds + 30
@@ -456,14 +501,19 @@ class Bench:
         return out
 
     def latency(
-        self, via: str | None = None, seconds: float | None = None, paired: str | None = None
+        self,
+        via: str | None = None,
+        seconds: float | None = None,
+        paired: str | None = None,
+        family: int = 4,
     ) -> dict:
         """One latency probe; with ``paired`` the baseline path (CONNECT to that proxy) takes
         turns with the measured one inside the same client (see loadgen.run_latency)."""
         a = self.args
         seconds = seconds or a.latency_seconds
         argv = [self.python, "-m", "bench.loadgen", "latency", "--target",
-                f"{ORIGIN}:{ECHO_PORT}", "--rate", str(a.rate), "--tunnels", "50",
+                authority(ORIGIN_ADDRESS[family], ECHO_PORT), "--rate", str(a.rate),
+                "--tunnels", "50",
                 "--size", "1024", "--duration", str(seconds), "--warmup", "1"]  # fmt: skip
         if via:
             argv += ["--via", via]
@@ -484,6 +534,7 @@ class Bench:
         timeout: float = 30.0,
         concurrency: int = 100,
         deadline: float = 90.0,
+        family: int = 4,
     ) -> dict:
         """Open ``count`` idle tunnels; RSS of ``pids_of()`` before and while they are open."""
         per_proc = 4500  # each client process stays well under the 20,000-file limit
@@ -500,7 +551,7 @@ class Bench:
                 "bench.loadgen",
                 "hold",
                 "--target",
-                f"{ORIGIN}:{ECHO_PORT}",
+                authority(ORIGIN_ADDRESS[family], ECHO_PORT),
                 "--count",
                 str(share),
                 "--concurrency",
@@ -570,10 +621,12 @@ class Bench:
             self.routed(True)
         else:
             self.routed(False)
-            self.lab.redirect(path.forwarder.port, family="ipv4")
+            family = "ipv6" if path.family == 6 else "ipv4"
+            self.lab.redirect(path.forwarder.port, family=family)
             self.sysctl("router", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=5", check=False)
 
     def rounds(self, paths: list[Subject], figure: str, fn: Any) -> None:
+        paths = [p for p in paths if figure in p.figures]
         for r in range(self.args.rounds):
             for path in paths:
                 if path.error:
@@ -593,7 +646,7 @@ class Bench:
         for key, reverse in (("up", False), ("down", True)):
             pids = path.pids()
             c0, u0, t0 = cpu_seconds(pids), cpu_seconds(up_pids), time.monotonic()
-            r = self.iperf(self.args.iperf_seconds, reverse)
+            r = self.iperf(self.args.iperf_seconds, reverse, path.family)
             wall = time.monotonic() - t0
             r["cpu_s"] = round(cpu_seconds(path.pids()) - c0, 3)
             r["upstream_cpu_pct"] = round(100 * (cpu_seconds(up_pids) - u0) / wall, 1)
@@ -601,15 +654,22 @@ class Bench:
             time.sleep(0.3)
         return out
 
-    def connect_once(self, path: Subject) -> dict:
+    def connect_once(self, path: Subject, tls: bool = False) -> dict:
+        if tls:
+            url = f"https://{ORIGIN_NAME}:{HTTPS_PORT}/"
+        else:
+            url = f"http://{authority(ORIGIN_ADDRESS[path.family], HTTP_PORT)}/"
         runs = []
         for c in self.args.connect_concurrency:
             c0 = cpu_seconds(path.pids())
-            r = self.wrk(c, self.args.connect_seconds)
+            r = self.wrk(c, self.args.connect_seconds, url)
             r["cpu_s"] = round(cpu_seconds(path.pids()) - c0, 3)
             runs.append(r)
             time.sleep(0.5)
         return {"runs": runs}
+
+    def connect_tls_once(self, path: Subject) -> dict:
+        return self.connect_once(path, tls=True)
 
     def latency_once(self, path: Subject) -> dict:
         if path.forwarder is None:
@@ -638,7 +698,7 @@ class Bench:
         )
         self.sysctl("router", "net.ipv4.ip_forward=1")
         try:
-            return self.latency(paired=f"{UPSTREAM_IP}:{PROXY_PORT}")
+            return self.latency(paired=f"{UPSTREAM_IP}:{PROXY_PORT}", family=path.family)
         finally:
             self.routed(False)
 
@@ -647,7 +707,7 @@ class Bench:
         self.activate(path)
         log(f"{path.name}: memory, {count} idle tunnels")
         path.result.setdefault("idle_rss_kib", rss_kib(path.pids()))
-        path.result[key] = self.hold(count, path.pids)
+        path.result[key] = self.hold(count, path.pids, family=path.family)
 
     def use_upstream(self, spec: str) -> None:
         """Switch the upstream proxy (same address) unless ``spec`` already runs."""
@@ -673,7 +733,7 @@ class Bench:
         fwd = [p for p in paths if p.forwarder is not None]
         self.use_upstream(upstreams["bulk"])
         for path in fwd:
-            if not path.error:
+            if not path.error and "memory" in path.figures:
                 self.memory(path)
         big = [p for p in fwd if not p.error and isinstance(p.forwarder, HandyProxy)]
         if big and self.args.idle_n_big:
@@ -681,6 +741,7 @@ class Bench:
         self.rounds([p for p in paths if p.via is None], "bulk", self.bulk_once)
         self.use_upstream(upstreams["connect"])
         self.rounds([p for p in paths if p.via is None], "connect", self.connect_once)
+        self.rounds([p for p in paths if p.via is None], "connect_tls", self.connect_tls_once)
         self.use_upstream(upstreams["latency"])
         self.rounds(paths, "latency", self.latency_once)
         self.lab.unredirect()
@@ -824,6 +885,46 @@ def summary(out: dict) -> str:
     )
 
 
+def problems(result: dict) -> list[str]:
+    """Every row the run should have measured and did not, or measured with errors.
+
+    ``--check`` (the test command's smoke run) fails on these: it proves the benchmark still
+    runs end to end, and asserts nothing about speed.
+    """
+    out: list[str] = []
+    rows = {
+        "direct": (result.get("baseline", {}).get("direct", {}), ("bulk", "connect", "latency")),
+        "upstream only": (result.get("baseline", {}).get("upstream_only", {}), ("latency",)),
+    }
+    for name, res in result.get("tools", {}).items():
+        rows[name] = (res, tuple(res.get("figures", ("bulk", "connect", "latency", "memory"))))
+    for name, (res, figures) in rows.items():
+        if res.get("error"):
+            out.append(f"{name}: {res['error']}")
+            continue
+        for fig in figures:
+            got = res.get(fig)
+            if not got or got.get("error"):
+                out.append(f"{name}: {fig} not measured ({(got or {}).get('error', 'missing')})")
+            elif fig == "bulk":
+                out += [f"{name}: bulk {k} moved nothing" for k in ("up", "down")
+                        if not got[k].get("bytes") or got[k].get("error")]  # fmt: skip
+            elif fig in ("connect", "connect_tls"):
+                errors = sum(r["errors"] for r in got["runs"])
+                if errors or not got["best_rps"]:
+                    out.append(f"{name}: {fig} had {errors} errors, best {got['best_rps']}/s")
+            elif fig == "latency":
+                if got.get("lost") or got.get("p99_us") is None:
+                    out.append(f"{name}: latency lost {got.get('lost')} round trips")
+            elif fig == "memory" and (got.get("errors") or not got.get("established")):
+                out.append(f"{name}: memory had {got.get('errors')} errors")
+    if "concurrency" in result:
+        conc = result["concurrency"]
+        if conc.get("error") or conc.get("errors") or not conc.get("established"):
+            out.append(f"concurrency: {conc.get('error') or conc.get('errors')} errors")
+    return out
+
+
 def machine() -> dict:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -861,37 +962,77 @@ def versions(args: argparse.Namespace) -> dict:
     }
 
 
-def forwarders(args: argparse.Namespace, b: Bench) -> list[Forwarder]:
-    """``handyproxy[:WORKERS][:RELAY]``, ``redsocks``, ``pproxy`` from ``--tools``."""
+#: What a variant row adds to HandyProxy's command line, and how the row is named.
+VARIANTS = {
+    "sniff": ["-sniff-timeout", "1s"],
+    "info": ["-log-level", "info"],
+    "metrics": ["-metrics-address", "127.0.0.1:0"],
+}
+ALL_FIGURES = ("bulk", "connect", "connect_tls", "latency", "memory")
+
+
+def has_metrics() -> bool:
+    """Whether this checkout's forwarder has -metrics-address (its row is measured then)."""
+    return "metrics_address" in {f.name for f in dataclasses.fields(Config)}
+
+
+def default_tools() -> str:
+    tools = "handyproxy,handyproxy:2,redsocks,pproxy,handyproxy:sniff,handyproxy:info,handyproxy@6"
+    return tools + (",handyproxy:metrics" if has_metrics() else "")
+
+
+def forwarders(args: argparse.Namespace, b: Bench) -> list[Subject]:
+    """``handyproxy[:WORKERS][:RELAY][:sniff|info|metrics][@6]``, ``redsocks``, ``pproxy``.
+
+    A variant (sniffing, access logging, metrics) changes only the per-tunnel work, so its row
+    measures tunnels per second (plain and TLS); ``@6`` measures every figure with an IPv6
+    client. The TLS figure is taken for the single-process HandyProxy and redsocks rows.
+    """
     up = f"{UPSTREAM_IP}:{PROXY_PORT}"
-    out: list[Forwarder] = []
+    out: list[Subject] = []
     for spec in args.tools.split(","):
+        spec, _, fam = spec.partition("@")
+        family = int(fam or 4)
         name, *opts = spec.split(":")
         workers = next((int(o) for o in opts if o.isdigit()), 1)
-        relay = next((o for o in opts if not o.isdigit()), None)
+        variants = [o for o in opts if o in VARIANTS]
+        relay = next((o for o in opts if not o.isdigit() and o not in VARIANTS), None)
+        extra = [arg for v in variants if v != "info" for arg in VARIANTS[v]]
         label = (
             name
             + (f" -workers {workers}" if workers > 1 else "")
             + (f" -relay {relay}" if relay else "")
+            + "".join(" " + " ".join(VARIANTS[v]) for v in variants)
+            + (" (IPv6 client)" if family == 6 else "")
         )
+        if variants:
+            figures: tuple[str, ...] = ("connect", "connect_tls")
+        elif family == 6:
+            figures = ("bulk", "connect", "latency", "memory")
+        elif workers == 1 and name in ("handyproxy", "redsocks"):
+            figures = ALL_FIGURES
+        else:
+            figures = ("bulk", "connect", "latency", "memory")
+        fw: Forwarder
         if name == "handyproxy":
-            out.append(
-                HandyProxy(
-                    name=label,
-                    upstream=up,
-                    port=b.port(),
-                    workdir=b.workdir,
-                    workers=workers,
-                    python=sys.executable,
-                    relay=relay,
-                )
+            fw = HandyProxy(
+                name=label,
+                upstream=up,
+                port=b.port(),
+                workdir=b.workdir,
+                workers=workers,
+                python=sys.executable,
+                relay=relay,
+                log_level="info" if "info" in variants else "warning",
+                extra=extra,
             )
         elif name == "redsocks":
-            out.append(Redsocks(name=label, upstream=up, port=b.port(), workdir=b.workdir))
+            fw = Redsocks(name=label, upstream=up, port=b.port(), workdir=b.workdir)
         elif name == "pproxy":
-            out.append(Pproxy(name=label, upstream=up, port=b.port(), workdir=b.workdir))
+            fw = Pproxy(name=label, upstream=up, port=b.port(), workdir=b.workdir)
         else:
             raise SystemExit(f"unknown tool {name!r}")
+        out.append(Subject(label, forwarder=fw, family=family, figures=figures))
     return out
 
 
@@ -908,8 +1049,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--tools",
-        default="handyproxy,handyproxy:2,redsocks,pproxy",
-        help="comma list of handyproxy[:WORKERS][:RELAY], redsocks, pproxy",
+        default=default_tools(),
+        help="comma list of handyproxy[:WORKERS][:RELAY][:sniff|info|metrics][@6], redsocks, "
+        "pproxy",
     )
     p.add_argument(
         "--upstream", choices=sorted(UPSTREAMS), help="skip the selection and use this upstream"
@@ -927,6 +1069,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrent-n", type=int, help="tunnels for the concurrency check (0: skip)")
     p.add_argument("--concurrent-workers", type=int, default=4)
     p.add_argument("--out", type=Path, help="markdown path (JSON goes next to it)")
+    p.add_argument(
+        "--profiles",
+        type=Path,
+        default=REPO / "docs" / "benchmarks-profile.json",
+        help="profiles (python -m bench.profile, collected into one JSON) to show in the report",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless every row was measured with zero errors (never a timing check)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.iperf_seconds, args.connect_seconds, args.latency_seconds = 3, 3, 3
@@ -982,9 +1135,13 @@ def main(argv: list[str] | None = None) -> int:
         result["settings"] = {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
         }
-        direct = Subject("direct (no forwarder)")
-        up_only = Subject("upstream only (client CONNECTs)", via=f"{UPSTREAM_IP}:{PROXY_PORT}")
-        tools = [Subject(fw.name, forwarder=fw) for fw in forwarders(args, b)]
+        direct = Subject("direct (no forwarder)", figures=("bulk", "connect", "latency"))
+        up_only = Subject(
+            "upstream only (client CONNECTs)",
+            via=f"{UPSTREAM_IP}:{PROXY_PORT}",
+            figures=("latency",),
+        )
+        tools = forwarders(args, b)
         b.run_paths([direct, up_only, *tools], chosen)
         result["upstream"] = {"per_figure": chosen, "used": b.upstreams_used}
         direct.aggregate()
@@ -1005,6 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 result.setdefault("logs_tail", {})[name] = logf.read_text()[-1500:]
     result["seconds"] = round(time.monotonic() - t0, 1)
+    if not args.quick and args.profiles and args.profiles.exists():
+        result["profiles"] = json.loads(args.profiles.read_text())
     with open("/proc/loadavg") as f:
         result["machine"]["load_after"] = f.read().split()[:3]
     out_md = Path(args.out)
@@ -1012,6 +1171,12 @@ def main(argv: list[str] | None = None) -> int:
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     out_md.write_text(report.render(result))
     log(f"wrote {out_md} and {out_json} in {result['seconds']} s")
+    if args.check:
+        if bad := problems(result):
+            for line in bad:
+                log(f"check: {line}")
+            return 1
+        log("check: every row measured, zero errors")
     return 0
 
 

@@ -4,7 +4,8 @@ Two tiny uvloop servers so the origin costs the same for every forwarder and sta
 
 * ``echo``: returns every byte it receives (latency probes, idle tunnels).
 * ``http``: answers each request with a fixed 200 and closes, so ``wrk -H 'Connection: close'``
-  opens one tunnel per request (tunnels per second).
+  opens one tunnel per request (tunnels per second); with ``--cert``/``--key`` over TLS (the
+  TLS figure, whose ClientHello a sniffing forwarder reads).
 
 Several processes share a port with SO_REUSEPORT (``--procs``) so the origin is not the limit.
 Usage: ``python -m bench.servers echo|http --host H --port P [--procs N]``.
@@ -19,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 
 import uvloop
@@ -82,13 +84,13 @@ def make_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(kind: str, host: str, port: int) -> None:
+def serve(kind: str, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     raise_nofile()
     proto = Echo if kind == "echo" else Http
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     sock = make_socket(host, port)
-    server = loop.run_until_complete(loop.create_server(proto, sock=sock, backlog=65535))
+    server = loop.run_until_complete(loop.create_server(proto, sock=sock, backlog=65535, ssl=tls))
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     loop.add_signal_handler(signal.SIGINT, loop.stop)
     try:
@@ -103,12 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument("--cert", help="serve TLS with this certificate (and --key)")
+    parser.add_argument("--key")
     args = parser.parse_args(argv)
+    tls = None
+    if args.cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.cert, args.key)
     children: list[int] = []
     for _ in range(args.procs - 1):
         pid = os.fork()
         if pid == 0:
-            serve(args.kind, args.host, args.port)
+            serve(args.kind, args.host, args.port, tls)
             os._exit(0)
         children.append(pid)
 
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.kill(pid, signal.SIGTERM)
 
     try:
-        serve(args.kind, args.host, args.port)
+        serve(args.kind, args.host, args.port, tls)
     finally:
         stop_children()
         for pid in children:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PPROXY_VENV = REPO / "bench" / ".venv-pproxy"
+PPROXY_REQUIREMENTS = REPO / "requirements-bench.txt"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -105,6 +106,7 @@ class HandyProxy(Forwarder):
     python: str = field(default_factory=lambda: sys.executable)
     log_level: str = "warning"
     relay: str | None = None  # -relay splice|copy; None = the forwarder's default
+    extra: list[str] = field(default_factory=list)  # more flags (a variant row's)
 
     def __post_init__(self) -> None:
         self.multiprocess = True
@@ -125,7 +127,7 @@ class HandyProxy(Forwarder):
             argv += ["-workers", str(self.workers)]
         if self.relay:
             argv += ["-relay", self.relay]
-        return argv
+        return argv + self.extra
 
     def version(self) -> str:
         return first_line([self.python, "-m", "handyproxy", "-version"])
@@ -167,14 +169,24 @@ class Pproxy(Forwarder):
 
 
 def ensure_pproxy() -> None:
-    """pproxy lives in its own venv: it crashes at start when uvloop is importable."""
+    """Build pproxy's own venv from scratch when it is missing or its pin changed.
+
+    Its own venv because pproxy crashes at start when uvloop is importable; a fresh clone has
+    none, so this must work from nothing: the stdlib venv (with its pip), then the pin.
+    """
     exe = PPROXY_VENV / "bin" / "pproxy"
-    if exe.exists():
+    want = PPROXY_REQUIREMENTS.read_text()
+    stamp = PPROXY_VENV / ".requirements"
+    if exe.exists() and stamp.exists() and stamp.read_text() == want:
         return
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(PPROXY_VENV)], check=True)
-    # --without-pip + ensurepip keeps the venv free of anything the project venv has.
-    subprocess.run([str(PPROXY_VENV / "bin" / "python"), "-m", "ensurepip", "-q"], check=True)
-    subprocess.run([str(PPROXY_VENV / "bin" / "pip"), "install", "-q", "pproxy"], check=True)
+    if PPROXY_VENV.exists():
+        shutil.rmtree(PPROXY_VENV)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PPROXY_VENV)], check=True)
+    pip = [str(PPROXY_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "-r", str(PPROXY_REQUIREMENTS)], check=True)
+    if not exe.exists():
+        raise RuntimeError(f"installing {PPROXY_REQUIREMENTS.name} left no {exe}")
+    stamp.write_text(want)
 
 
 # Upstream CONNECT proxies (run in the upstream namespace)

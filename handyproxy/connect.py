@@ -40,18 +40,23 @@ def basic_authorization(user: str, password: str) -> bytes:
     return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
 
 
+_USER_AGENT = b"User-Agent: handyproxy/" + __version__.encode() + b"\r\n"
+#: The request's constant end per authorization value (one per upstream): built once.
+_TAILS: dict[bytes, bytes] = {}
+
+
 def build_request(host: str, port: int, authorization: bytes = b"") -> bytes:
     """The whole CONNECT request, sent in one write so proxies see it in one segment.
 
-    ``authorization`` is a ready ``Proxy-Authorization`` value (see basic_authorization).
+    ``authorization`` is a ready ``Proxy-Authorization`` value (see basic_authorization). Only
+    the target changes from tunnel to tunnel; the rest comes from a cache.
     """
     target = authority(host, port).encode("ascii")
-    auth = b"Proxy-Authorization: " + authorization + b"\r\n" if authorization else b""
-    return (
-        b"CONNECT " + target + b" HTTP/1.1\r\n"
-        b"Host: " + target + b"\r\n"
-        b"User-Agent: handyproxy/" + __version__.encode() + b"\r\n" + auth + b"\r\n"
-    )
+    tail = _TAILS.get(authorization)
+    if tail is None:
+        auth = b"Proxy-Authorization: " + authorization + b"\r\n" if authorization else b""
+        tail = _TAILS.setdefault(authorization, _USER_AGENT + auth + b"\r\n")
+    return b"".join((b"CONNECT ", target, b" HTTP/1.1\r\nHost: ", target, b"\r\n", tail))
 
 
 def parse_reply(buf: bytes) -> tuple[int, int] | None:

@@ -146,6 +146,7 @@ class Server:
             signal.signal(sig, signal.SIG_IGN)
         for sig in _HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
+        log.attach(loop)
         channel = self.channel
         try:
             await self.hub.upstreams.start(loop)
@@ -161,6 +162,7 @@ class Server:
             await self.shutdown()
             metrics.record.tick(self.hub)  # the last figures, before the process ends
         finally:
+            log.detach()
             for sig in _HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
             if channel is not None and not channel.closed:
@@ -196,6 +198,7 @@ class Server:
             hub.relay_cls = relay.load(cfg.relay)
             hub.config = self.cfg = cfg
             log.setup(cfg.log_format, cfg.log_level)
+            log.attach(hub.loop)  # the new handler batches as the old one did
         except Exception as exc:  # the master reports it; this worker keeps the old config
             logger.exception("applying the reloaded config failed")
             error = f"{type(exc).__name__}: {exc}"

@@ -21,6 +21,7 @@ import struct
 PEER_RESETS = frozenset(
     {
         errno.ECONNRESET,
+        errno.ENOTCONN,  # shutdown(2) on a socket the peer has reset (its state is CLOSE)
         errno.EPIPE,
         errno.ECONNABORTED,
         errno.ETIMEDOUT,

@@ -24,6 +24,7 @@ from handyproxy.connect import ConnectError
 from handyproxy.log import access, logger
 from handyproxy.relay.base import RelayBase
 from handyproxy.rules import UNDECIDED, Rule, RuleSet
+from handyproxy.sniff import Sniffer
 from handyproxy.sniff import http as sniff_http
 from handyproxy.sniff import tls as sniff_tls
 from handyproxy.sockets import PEER_RESETS, reset_socket
@@ -69,6 +70,7 @@ class Tunnel:
         "bucket",
         "client_ip",
         "client_port",
+        "cpoll",
         "dst",
         "hub",
         "relay",
@@ -78,7 +80,6 @@ class Tunnel:
         "status",
         "target",
         "task",
-        "upoll",
         "upstream",
         "via",
     )
@@ -97,8 +98,9 @@ class Tunnel:
         self.started = time.monotonic()
         self.relay: RelayBase | None = None
         self.task: asyncio.Task[None] | None = None
-        self.upoll: UpstreamPoll | None = None
         self.upstream: Upstream | None = None
+        # The client socket's reader left registered by sniffing, for the relay to take over.
+        self.cpoll: UpstreamPoll | None = None
 
     @property
     def client(self) -> str:
@@ -161,7 +163,9 @@ class Tunnel:
         peek = dst[1] in upstreams.ports  # an upstream port let through: look for nesting
         if peek or (sniffing and (rule is None or rule.action != "direct")):
             timeout = cfg.effective_sniff_timeout if cfg.sniffing else PEEK_TIMEOUT
-            first, name = await sniff(self.sock, timeout, cfg.sniff_max_bytes)
+            sniffed = _Sniff(hub.loop, self.sock, cfg.sniff_max_bytes)
+            first, name = await sniffed.run(timeout, park=True)
+            self.cpoll = sniffed.poll
             if peek and origdst.is_proxy_request(first):
                 self.refuse("proxy-request")
                 return
@@ -188,58 +192,64 @@ class Tunnel:
             self.upstream = up = opened.upstream
             self.via = up.name if up is not None else "-"
             self.status = opened.status
-        self.upoll = opened.poll
-        await self.start_relay(opened.sock, first, opened.leftover)
+        await self.start_relay(opened.sock, opened.poll, first, opened.leftover)
 
     def take(self, decided: object) -> Rule:
         """Note which rule decided (for the access record) and return it."""
         self.rule, rule = decided  # type: ignore[misc]
         return rule
 
-    def drop_upstream(self, sock: socket.socket | None) -> None:
-        """Unregister, then close (in that order: libuv must never poll a closed descriptor)."""
-        if self.upoll is not None:
-            self.upoll.close()
-            self.upoll = None
-        if sock is not None:
-            sock.close()
+    async def start_relay(
+        self, upstream: socket.socket, poll: UpstreamPoll | None, first: bytes, leftover: bytes
+    ) -> None:
+        """Deliver the bytes already read on each side, then hand both sockets to the relay.
 
-    async def start_relay(self, upstream: socket.socket, first: bytes, leftover: bytes) -> None:
-        """Deliver the bytes already read on each side, then hand both sockets to the relay."""
+        A fresh socket takes a first flight (a ClientHello, a request) at once: sent directly,
+        both sockets keep their registrations for the relay. Only what does not go at once is
+        waited for, after the registrations are dropped (a parked reader would fire on every
+        loop turn while we wait).
+        """
         loop = self.hub.loop
-        relay_cls = self.hub.relay_cls
+        cpoll, self.cpoll = self.cpoll, None
         # Armed while bytes may flow, like the client side (inherited from the listener): if
         # this process dies now, the origin's side sees a reset too, not a clean end.
         reset_socket(upstream)
-        if first or leftover or not relay_cls.adopts_reader:
-            # A transport must find the socket unregistered, and while we wait to write
-            # below, a parked reader would fire on every loop turn.
-            self.drop_upstream(None)
-        if first or leftover:
-            sent_first = False
-            try:
-                if first:
-                    await loop.sock_sendall(upstream, first)
-                sent_first = True
-                if leftover:
-                    await loop.sock_sendall(self.sock, leftover)
-            except OSError as exc:
-                upstream.close()
-                raise PeerFailed("upstream" if sent_first is False else "client", exc) from None
-            except BaseException:
-                upstream.close()
-                raise
-        relay = relay_cls(self.finished, loop.time())
+        side = "upstream"
+        try:
+            first_left = _send_now(upstream, first)
+            side = "client"
+            leftover_left = _send_now(self.sock, leftover)
+            if first_left or leftover_left:
+                for reg in (poll, cpoll):
+                    if reg is not None:
+                        reg.hand_over(None)
+                poll = cpoll = None
+                side = "upstream"
+                if first_left:
+                    await loop.sock_sendall(upstream, first_left)
+                side = "client"
+                if leftover_left:
+                    await loop.sock_sendall(self.sock, leftover_left)
+        except BaseException as exc:
+            for reg in (poll, cpoll):
+                if reg is not None:
+                    reg.hand_over(None)
+            upstream.close()
+            if isinstance(exc, OSError):
+                raise PeerFailed(side, exc) from None
+            raise
+        relay = self.hub.relay_cls(self.finished, loop.time())
         self.relay = relay
-        # The relay's reader replaces the parked one on the same registration.
-        await relay.start(loop, self.sock, upstream)
-        self.upoll = None
+        await relay.start(loop, self.sock, upstream, poll, cpoll)
         relay.seed(len(first), len(leftover))
 
     def refuse(self, reason: str) -> None:
         self.fail("refused", reason)
 
     def fail(self, end: str, reason: str) -> None:
+        if self.cpoll is not None:  # unregister before the close
+            self.cpoll.hand_over(None)
+            self.cpoll = None
         reset_socket(self.sock)
         self.sock.close()
         self.log(end, reason=reason)
@@ -283,28 +293,112 @@ class Tunnel:
 async def sniff(sock: socket.socket, timeout: float, max_bytes: int) -> tuple[bytes, str | None]:
     """Read the client's first bytes until a name is found, they cannot hold one, or time is up.
 
-    Every byte read is returned so the caller can replay it into the tunnel in order.
+    Every byte read is returned so the caller can replay it into the tunnel in order. One
+    reader registration and one timer serve the whole wait, however many segments arrive, and
+    the sniffer parses each byte once (``handyproxy.sniff.Sniffer``).
     """
-    loop = asyncio.get_running_loop()
-    buf = b""
-    deadline = loop.time() + timeout
-    while len(buf) < max_bytes:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
+    return await _Sniff(asyncio.get_running_loop(), sock, max_bytes).run(timeout)
+
+
+def _send_now(sock: socket.socket, data: bytes) -> bytes:
+    """Send what the socket takes without waiting; returns what is left (OSError on a reset)."""
+    if not data:
+        return b""
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    return data[sent:]
+
+
+def _unpark(poll: UpstreamPoll) -> None:
+    """The client sent more before the relay took over: drop the parked reader, which would
+    otherwise fire on every loop turn; the relay registers afresh."""
+    poll.close()
+
+
+class _Sniff:
+    """The state of one sniff: the bytes so far, the parser they chose, and the wait's end."""
+
+    __slots__ = ("buf", "fd", "fut", "loop", "max_bytes", "name", "poll", "sniffer", "sock")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, max_bytes: int
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.max_bytes = max_bytes
+        self.buf = bytearray()
+        self.sniffer: Sniffer | None = None
+        self.name: str | None = None
+        self.fut: asyncio.Future[None] | None = None
+        self.poll: UpstreamPoll | None = None  # the reader left registered by run(park=True)
+
+    async def run(self, timeout: float, park: bool = False) -> tuple[bytes, str | None]:
+        """Sniff; with ``park`` a reader it had to register stays registered (in ``poll``) for
+        the relay to take over, else it is dropped."""
+        if timeout > 0 and not self.read():
+            loop = self.loop
+            self.fut = fut = loop.create_future()
+            poll = UpstreamPoll(loop, self.fd)
+            poll.watcher = self.on_wake
+            poll.want(write=False)
+            timer = loop.call_later(timeout, self.done)
+            try:
+                await fut
+            except BaseException:
+                poll.close()
+                raise
+            finally:
+                timer.cancel()
+            if park:
+                poll.watcher = _unpark
+                self.poll = poll
+            else:
+                poll.close()
+        return bytes(self.buf), self.name
+
+    def on_wake(self, _poll: UpstreamPoll) -> None:
+        self.on_readable()
+
+    def on_readable(self) -> None:
         try:
-            async with asyncio.timeout(remaining):
-                chunk = await loop.sock_recv(sock, max_bytes - len(buf))
-        except TimeoutError:
-            break
-        except OSError as exc:
-            raise PeerFailed("client", exc) from None
-        if not chunk:
-            break
-        buf += chunk
-        result = sniff_tls.server_name(buf) if buf[0] == 0x16 else sniff_http.host_name(buf)
-        if isinstance(result, str):
-            return buf, result
-        if result is None:
-            break
-    return buf, None
+            finished = self.read()
+        except PeerFailed as exc:
+            if self.fut is not None and not self.fut.done():
+                self.fut.set_exception(exc)
+            return
+        if finished:
+            self.done()
+
+    def done(self) -> None:
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_result(None)
+
+    def read(self) -> bool:
+        """Take what has arrived; True once sniffing is over (a verdict, EOF, or max bytes)."""
+        buf = self.buf
+        while len(buf) < self.max_bytes:
+            try:
+                chunk = self.sock.recv(self.max_bytes - len(buf))
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:  # a client that gives up while being sniffed
+                raise PeerFailed("client", exc) from None
+            if not chunk:
+                return True
+            buf += chunk
+            sniffer = self.sniffer
+            if sniffer is None:
+                tls = chunk[0] == sniff_tls.RECORD_HANDSHAKE
+                self.sniffer = sniffer = (
+                    sniff_tls.ClientHelloSniffer() if tls else sniff_http.HostSniffer()
+                )
+            result = sniffer.feed(chunk)
+            if isinstance(result, str):
+                self.name = result
+                return True
+            if result is None:
+                return True
+        return True

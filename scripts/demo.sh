@@ -3,6 +3,6 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need_root
-apt_install iproute2 nftables curl
+apt_install iproute2 nftables conntrack curl
 [ -x "$VENV/bin/handyproxy" ] || make_venv "$REPO/requirements.txt"
 exec "$VENV/bin/handyproxy" demo "$@"

@@ -3,7 +3,7 @@
 Why it exists: a transparent forwarder can only be proven on a real REDIRECT path, where the
 kernel rewrites the destination and ``SO_ORIGINAL_DST`` hands it back. The demo, the integration
 tests and the benchmark all build the same topology from this module, so it needs root and the
-``ip`` and ``nft`` binaries but nothing beyond the standard library.
+``ip``, ``nft`` and ``conntrack`` binaries but nothing beyond the standard library.
 
 Topology (every address is fixed; each lab lives in its own namespaces, so labs never collide)::
 
@@ -129,11 +129,12 @@ class LabError(RuntimeError):
 
 
 def missing_requirements() -> list[str]:
-    """Say what the lab needs and this machine lacks (root, ip, nft), empty when all is there."""
+    """Say what the lab needs and this machine lacks (root, ip, nft, conntrack), empty when all
+    is there."""
     missing = []
     if os.geteuid() != 0:
         missing.append("root (network namespaces need CAP_SYS_ADMIN and CAP_NET_ADMIN)")
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("conntrack", "conntrack")):
         if shutil.which(tool) is None:
             missing.append(f"the {tool!r} command (Debian package {package})")
     return missing
@@ -477,17 +478,38 @@ class Lab:
         local return``), so a connection to the listener's own address is not redirected; with
         ``skip_uid`` the sockets of that uid are skipped too (the forwarder's own upstream
         connections in the output chain). ``family`` is ``both``, ``ipv4`` or ``ipv6``. A
-        second call replaces the table. Returns the ruleset text.
+        second call replaces the table; the dead connections an earlier redirect left behind
+        are forgotten (``forget_reset_connections``). Returns the ruleset text.
         """
         ruleset = redirect_ruleset(port, chain, family, skip_uid)
         script = f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{ruleset}"
         _check(self.argv(ns, ["nft", "-f", "-"]), input=script)
+        self.forget_reset_connections(ns)
         return ruleset
 
     def unredirect(self, ns: str = "router") -> None:
         """Remove the REDIRECT table from ``ns`` (no error when there is none)."""
         script = f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
         _check(self.argv(ns, ["nft", "-f", "-"]), input=script)
+        self.forget_reset_connections(ns)
+
+    def forget_reset_connections(self, ns: str = "router") -> None:
+        """Delete the redirected TCP connections in state CLOSE from ``ns``'s conntrack table.
+
+        A connection the forwarder ended with a reset (no FIN seen) stays in CLOSE for 10 s,
+        still mapped to the port it was redirected to. A client's new SYN from the same port,
+        which the kernel may well pick again, matches that entry; conntrack neither forgets
+        it (it does so only after a FIN, or a reset from the client) nor applies the current
+        REDIRECT, so the SYN goes to the old port and, that forwarder gone, is refused. CLOSE
+        entries are dead connections: deleting them touches none that is still open.
+        """
+        for family in ("ipv4", "ipv6"):
+            argv = self.argv(ns, ["conntrack", "-D", "-f", family, "-p", "tcp", "--dst-nat",
+                                  "--state", "CLOSE"])  # fmt: skip
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            # conntrack exits 1 when nothing matched
+            if proc.returncode != 0 and " 0 flow entries have been deleted" not in proc.stderr:
+                raise LabError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
 
 
 def redirect_ruleset(

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Protocol
+
+
+class Registration(Protocol):
+    """The set-up's poll registration of the upstream socket (``upstream.dial.UpstreamPoll``)."""
+
+    def hand_over(self, reader: Callable[[], None] | None) -> None:
+        """Give it to the relay: ``reader`` takes it over in place, None drops it."""
 
 
 class RelayBase:
     """What every relay shares: how it ended, and the quiet-time timers judged by byte counts."""
 
     __slots__ = ("end", "extra_down", "extra_up", "last_activity", "on_done", "quiet_since")
-
-    #: Whether start() may find the upstream socket still registered for reading by the
-    #: set-up (add_reader): true for a relay that polls raw descriptors itself, false for one
-    #: that wraps them in transports, which must find them unregistered.
-    adopts_reader: ClassVar[bool] = False
 
     def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
         self.on_done = on_done
@@ -31,9 +33,19 @@ class RelayBase:
     half_closed: bool
 
     async def start(
-        self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        upstream: socket.socket,
+        registration: Registration | None,
+        client_registration: Registration | None = None,
     ) -> None:
-        """Take over both connected sockets; from here the relay's callbacks carry the tunnel."""
+        """Take over both connected sockets; from here the relay's callbacks carry the tunnel.
+
+        ``registration`` (the upstream socket's) and ``client_registration`` (the client's,
+        left by sniffing) are poll registrations still held by the set-up, None when there is
+        none; the relay must call their ``hand_over()`` before it polls either socket.
+        """
         raise NotImplementedError
 
     def abort(self, reason: str) -> None:

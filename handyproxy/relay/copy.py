@@ -15,7 +15,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from handyproxy.relay.base import RelayBase
+from handyproxy.relay.base import Registration, RelayBase
 from handyproxy.sockets import keep_socket, reset_socket
 
 HIGH_WATER = 64 * 1024
@@ -119,9 +119,17 @@ class CopyRelay(RelayBase):
         self.upstream.peer = self.client
 
     async def start(
-        self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        upstream: socket.socket,
+        registration: Registration | None,
+        client_registration: Registration | None = None,
     ) -> None:
         """Wrap both sockets in transports; the upstream waits until the client side exists."""
+        for reg in (registration, client_registration):
+            if reg is not None:
+                reg.hand_over(None)  # a transport must find the socket unregistered
         up = self.upstream
         up.held = True  # until the client side exists, keep what arrives, in order
         await loop.create_connection(lambda: up, sock=upstream)

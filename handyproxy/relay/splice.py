@@ -16,8 +16,9 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
+from typing import ClassVar
 
-from handyproxy.relay.base import RelayBase
+from handyproxy.relay.base import Registration, RelayBase
 from handyproxy.sockets import PEER_RESETS, keep_socket, reset_socket
 
 PIPE_SIZE = 256 * 1024
@@ -55,9 +56,6 @@ class PipePool:
         os.close(pipe[0])
         os.close(pipe[1])
         self.open -= 1
-
-
-POOL = PipePool()
 
 
 def available() -> str | None:
@@ -148,7 +146,7 @@ class Direction:
         while self.reading:
             if self.pipe is None:
                 try:
-                    self.pipe = POOL.get()
+                    self.pipe = self.relay.pool.get()
                 except OSError:  # out of descriptors: copy this chunk instead of stalling
                     if not self.copy_chunk():
                         return
@@ -244,7 +242,7 @@ class Direction:
 
     def release_pipe(self) -> None:
         if self.pipe is not None and self.pending == 0:
-            POOL.put(self.pipe)
+            self.relay.pool.put(self.pipe)
             self.pipe = None
 
     def close(self) -> None:
@@ -255,9 +253,9 @@ class Direction:
             self.loop.remove_writer(self.dst)
         if self.pipe is not None:
             if self.pending:
-                POOL.discard(self.pipe)
+                self.relay.pool.discard(self.pipe)
             else:
-                POOL.put(self.pipe)
+                self.relay.pool.put(self.pipe)
             self.pipe = None
 
 
@@ -290,7 +288,9 @@ class SpliceRelay(RelayBase):
 
     __slots__ = ("client", "down", "loop", "up", "upstream")
 
-    adopts_reader = True  # add_reader on the upstream replaces the set-up's reader in place
+    #: The pipes of every splice tunnel of this process, and so its descriptor accounting: only
+    #: this relay knows it holds descriptors beyond the tunnels' sockets.
+    pool: ClassVar[PipePool] = PipePool()
 
     def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
         super().__init__(on_done, now)
@@ -299,7 +299,12 @@ class SpliceRelay(RelayBase):
         self.upstream: socket.socket | None = None
 
     async def start(
-        self, loop: asyncio.AbstractEventLoop, client: socket.socket, upstream: socket.socket
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        upstream: socket.socket,
+        registration: Registration | None,
+        client_registration: Registration | None = None,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -308,8 +313,16 @@ class SpliceRelay(RelayBase):
         self.down = Direction(self, upstream, client, "upstream", "client")
         self.up.reverse = self.down
         self.down.reverse = self.up
-        self.up.start_reading()
-        self.down.start_reading()
+        if client_registration is None:
+            self.up.start_reading()
+        else:  # the client's reader left by sniffing, taken over the same way
+            client_registration.hand_over(self.up.on_readable)
+            self.up.reading = True
+        if registration is None:
+            self.down.start_reading()
+        else:  # the upstream's reader replaces the set-up's on the same registration
+            registration.hand_over(self.down.on_readable)
+            self.down.reading = True
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -317,7 +330,7 @@ class SpliceRelay(RelayBase):
 
     @classmethod
     def descriptors_in_use(cls) -> int:
-        return 2 * POOL.open
+        return 2 * cls.pool.open
 
     @property
     def bytes_up(self) -> int:

@@ -6,7 +6,7 @@ make that common), so records are reassembled before the handshake message is pa
 
 from __future__ import annotations
 
-from handyproxy.sniff import MORE, _More, valid_name
+from handyproxy.sniff import MORE, Sniffer, _More, valid_name
 
 RECORD_HANDSHAKE = 0x16
 HANDSHAKE_CLIENT_HELLO = 0x01
@@ -51,39 +51,60 @@ def _complete(payload: bytearray) -> bytes | None:
     return bytes(payload[:need]) if len(payload) >= need else None
 
 
-def _handshake_bytes(data: bytes) -> bytes | _More | None:
-    """Concatenate handshake-record payloads until one whole handshake message is present."""
-    payload = bytearray()
-    pos = 0
-    while (message := _complete(payload)) is None:
-        header = data[pos : pos + 5]
-        if (header and header[0] != RECORD_HANDSHAKE) or (len(header) > 1 and header[1] != 3):
-            return None
-        if len(header) < 5:
-            return MORE
-        length = int.from_bytes(header[3:5], "big")
-        if length == 0 or length > MAX_RECORD:
-            return None
-        payload += data[pos + 5 : pos + 5 + length]
-        if payload and payload[0] != HANDSHAKE_CLIENT_HELLO:
-            return None
-        if pos + 5 + length > len(data):
-            return _complete(payload) or MORE
-        pos += 5 + length
-    return message
+class ClientHelloSniffer(Sniffer):
+    """Records are reassembled as they arrive: each record header is read once, each payload
+    byte copied once, and the ClientHello parsed once, when it is whole."""
+
+    __slots__ = ("buf", "payload", "record", "record_end", "taken")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = bytearray()
+        self.payload = bytearray()  # handshake bytes from the records so far
+        self.record = 0  # where the record being read starts
+        self.record_end = -1  # where it ends; -1 while its header is not yet read
+        self.taken = 0  # stream bytes up to here are in ``payload``
+
+    def _feed(self, chunk: bytes) -> str | _More | None:
+        buf = self.buf
+        buf += chunk
+        while True:
+            if self.record_end < 0:
+                header = buf[self.record : self.record + 5]
+                if (header and header[0] != RECORD_HANDSHAKE) or (
+                    len(header) > 1 and header[1] != 3
+                ):
+                    return None
+                if len(header) < 5:
+                    return MORE
+                length = int.from_bytes(header[3:5], "big")
+                if length == 0 or length > MAX_RECORD:
+                    return None
+                self.taken = self.record + 5
+                self.record_end = self.taken + length
+            end = min(self.record_end, len(buf))
+            if end > self.taken:
+                self.payload += buf[self.taken : end]
+                self.work += end - self.taken
+                self.taken = end
+            payload = self.payload
+            if payload and payload[0] != HANDSHAKE_CLIENT_HELLO:
+                return None
+            message = _complete(payload)
+            if message is not None:
+                self.work += len(message)
+                try:
+                    return _parse_client_hello(_Reader(message[4:]))
+                except _Short:
+                    return None
+            if self.taken < self.record_end:
+                return MORE
+            self.record, self.record_end = self.record_end, -1
 
 
 def server_name(data: bytes) -> str | _More | None:
     """The SNI host name of the ClientHello at the start of ``data``; MORE or None otherwise."""
-    message = _handshake_bytes(bytes(data))
-    if message is None or isinstance(message, _More):
-        return message
-    if message[0] != HANDSHAKE_CLIENT_HELLO:
-        return None
-    try:
-        return _parse_client_hello(_Reader(message[4:]))
-    except _Short:
-        return None
+    return ClientHelloSniffer().feed(data)
 
 
 def _parse_client_hello(r: _Reader) -> str | None:

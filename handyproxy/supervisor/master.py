@@ -545,7 +545,10 @@ class Master:
                 sock.setblocking(False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
             with contextlib.suppress(OSError):
-                metrics.start_exporter(self.cfg)
+                # shutdown() above forgot the state: take up the same directory again
+                metrics.prepare(self.cfg, fresh=False)
+                if metrics.enabled():
+                    metrics.start_exporter(self.cfg)
             self.fail(f"exec failed: {exc}")
 
     # Stopping
@@ -696,7 +699,8 @@ def run(cfg: Config, argv: list[str]) -> int:
     try:
         # Before any worker forks: they inherit where the figures go.
         metrics.prepare(cfg, fresh=STATE_ENV not in os.environ)
-        metrics.start_exporter(cfg)
+        if metrics.enabled():  # without -metrics-address there is nothing to serve
+            metrics.start_exporter(cfg)
     except OSError as exc:
         logger.error(f"cannot serve metrics on {cfg.metrics_address}: {exc}")
         return server.EXIT_STARTUP_FAILURE

@@ -146,8 +146,8 @@ class UpstreamPoll:
 
     uvloop (libuv) builds a poll handle when a descriptor gets its first reader or writer and
     tears it down when it loses its last, an ioctl and several epoll_ctl calls each time.
-    Switching from writer to reader in place, and leaving the reader registered for the relay to
-    take over, keeps a single handle for the socket's whole life.
+    Switching from writer to reader in place, and leaving the reader registered until
+    ``hand_over()`` gives it to the relay, keeps a single handle for the socket's whole life.
 
     While a Happy Eyeballs race runs, ``watcher`` receives the wake-ups instead of a future.
     """
@@ -196,6 +196,34 @@ class UpstreamPoll:
             await fut
         finally:
             self.fut = None
+
+    def hand_over(self, reader: Callable[[], None] | None) -> None:
+        """Give the socket's registration to the relay: the one place that knows how.
+
+        A relay that polls the raw descriptor itself (splice) passes its reader: it replaces the
+        set-up's callback on the same libuv poll handle (added before the writer is dropped, so
+        the handle is never torn down and rebuilt: an ioctl and several epoll_ctl calls saved
+        per tunnel). A relay that wraps the socket in a transport (copy), or a caller that must
+        write on the socket first, passes None: a transport must find the descriptor
+        unregistered, and a parked reader would fire on every loop turn while the caller waits.
+        Either way this object no longer touches the descriptor: ``close()`` after it is a
+        no-op, and the relay owns the reader it passed.
+        """
+        loop, fd = self.loop, self.fd
+        if reader is None:
+            self.close()
+            return
+        try:
+            loop.add_reader(fd, reader)
+        except RuntimeError:
+            # uvloop closed the poll handle after an error on the descriptor (a reset right
+            # after the reply): drop it and register afresh; the relay's read finds the error.
+            loop.remove_reader(fd)
+            loop.add_reader(fd, reader)
+        if self.writing:
+            loop.remove_writer(fd)
+        self.reading = self.writing = False
+        self.watcher = None
 
     def close(self) -> None:
         """Drop the registration; always before the socket is closed."""

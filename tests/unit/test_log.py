@@ -7,6 +7,7 @@ docs/interfaces.md.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -161,3 +162,88 @@ def test_setup_twice_replaces_the_handler_instead_of_doubling_lines() -> None:
     log.logger.info("once")
     assert len(out.getvalue().splitlines()) == 1
     assert logging.getLogger("handyproxy").propagate is False
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes: one per flush of the batching handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_records_of_one_loop_turn_share_one_write_and_keep_their_order() -> None:
+    stream = CountingStream()
+    log.setup("text", "info", stream=stream)
+
+    async def main() -> tuple[int, int]:
+        log.attach(asyncio.get_running_loop())
+        try:
+            for i in range(5):
+                log.access.info("tunnel end", extra={"fields": {"n": i}})
+            before = stream.writes  # nothing written yet: the turn has not ended
+            await asyncio.sleep(0)
+            return before, stream.writes
+        finally:
+            log.detach()
+
+    before, after = asyncio.run(main())
+    assert (before, after) == (0, 1)
+    assert [line.rsplit("=", 1)[1] for line in stream.getvalue().splitlines()] == list("01234")
+
+
+def test_a_warning_is_written_at_once_after_what_is_pending() -> None:
+    stream = CountingStream()
+    log.setup("text", "info", stream=stream)
+
+    async def main() -> str:
+        log.attach(asyncio.get_running_loop())
+        try:
+            log.access.info("tunnel end", extra={"fields": {"n": 1}})
+            log.logger.warning("trouble")
+            return stream.getvalue()
+        finally:
+            log.detach()
+
+    text = asyncio.run(main())
+    assert text.splitlines() == [
+        "INFO handyproxy.access: tunnel end n=1",
+        "WARNING handyproxy: trouble",
+    ]
+
+
+def test_detach_writes_what_is_pending() -> None:
+    stream = CountingStream()
+    log.setup("text", "info", stream=stream)
+
+    async def main() -> None:
+        log.attach(asyncio.get_running_loop())
+        log.access.info("tunnel end", extra={"fields": {"n": 1}})
+        log.detach()
+
+    asyncio.run(main())
+    assert stream.getvalue() == "INFO handyproxy.access: tunnel end n=1\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("198.51.100.2:40000", "198.51.100.2:40000"),
+        ("[2001:db8::2]:443", "[2001:db8::2]:443"),
+        ("", '""'),
+        ("a b", '"a b"'),
+        ('say "x"', '"say \\"x\\""'),
+        ("k=v", '"k=v"'),
+        ("tab\there", '"tab\\there"'),
+        ("ünïcode", "ünïcode"),  # printable, no space, quote or "=": shown as it is
+        ("caf\u00e9 au lait", '"caf\\u00e9 au lait"'),
+    ],
+)
+def test_a_field_is_quoted_exactly_when_it_must_be(value: str, shown: str) -> None:
+    out = capture("text")
+    log.access.info("tunnel end", extra={"fields": {"reason": value}})
+    assert out.getvalue() == f"INFO handyproxy.access: tunnel end reason={shown}\n"

@@ -114,7 +114,7 @@ def test_upstream_bytes_and_eof_held_before_the_client_exists_arrive_first_and_i
 
     async def adopt() -> None:
         loop = FakeLoop()
-        await relay.start(loop, None, None)  # type: ignore[arg-type]
+        await relay.start(loop, None, None, None)  # type: ignore[arg-type]
 
     class FakeLoop:
         async def create_connection(self, factory, sock):
@@ -381,7 +381,7 @@ def test_relay_on_real_socketpairs_half_closes_and_finishes(
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[RelayBase] = loop.create_future()
         relay = CopyRelay(finished.set_result, loop.time())
-        await relay.start(loop, client_ours, upstream_ours)
+        await relay.start(loop, client_ours, upstream_ours, None)
         await loop.sock_sendall(client_app, b"request")
         client_app.shutdown(socket.SHUT_WR)
         got = b""
@@ -418,7 +418,7 @@ def test_a_client_that_stops_reading_pauses_the_upstream_and_memory_stays_bounde
     async def main() -> tuple[bool, int, bytes]:
         loop = asyncio.get_running_loop()
         relay = CopyRelay(lambda r: None, loop.time())
-        await relay.start(loop, client_ours, upstream_ours)
+        await relay.start(loop, client_ours, upstream_ours, None)
         sender = asyncio.create_task(loop.sock_sendall(origin, payload))
         for _ in range(200):  # poll (at most 2 s) until the relay stops reading the upstream
             await asyncio.sleep(0.01)
