@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             spy = None
             if args.py_spy:
                 spy = subprocess.Popen(
-                    [args.py_spy, "record", "--native", "--rate", "250",
+                    [args.py_spy, "record", "--native", "--subprocesses", "--rate", "250",
                      "--format", "raw", "--duration", str(args.seconds + 1),
                      "-o", str(raw), "--pid", str(pid)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                 out["py_spy_error"] = (spy.stderr.read() if spy.stderr else "")[-300:]
             if not args.no_strace:
                 table = workdir / "strace.txt"
+                # Every process (a master and its workers): -f follows only children to come.
+                traced = [a for p in descendants(pid) for a in ("-p", str(p))]
                 st = subprocess.Popen(
-                    ["strace", "-c", "-f", "-o", str(table), "-p", str(pid)],
+                    ["strace", "-c", "-f", "-o", str(table), *traced],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 time.sleep(0.5)

@@ -182,7 +182,8 @@ def load_credentials(name: str) -> Credentials:
         hint = ""
         if exc.errno == errno.ENOENT and not os.path.isabs(name):
             hint = " (a relative name is looked up under $CREDENTIALS_DIRECTORY when set)"
-        raise SpecError(f"{path}: cannot read: {exc.strerror}{hint}") from None
+        shown = path if path.isprintable() else repr(path)  # one line, whatever the name holds
+        raise SpecError(f"{shown}: cannot read: {exc.strerror}{hint}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SpecError(f"{path}: not a regular file")
