@@ -24,14 +24,15 @@ LABEL_KEY=org.handyproxy.molecule.recipe
 
 # What the scenarios need inside the containers: systemd as PID 1, Python for Ansible and the
 # forwarder's venv, netfilter tools for the role, curl/openssl for the traffic checks, tinyproxy
-# as the upstream proxy, procps/iputils for debugging a failed run; python3-packaging because
-# the role installs with ansible.builtin.pip, which needs it.
+# and squid (NTLM via its ntlm_fake_auth helper) as the upstream proxies, procps/iputils for
+# debugging a failed run; python3-packaging because the role installs with ansible.builtin.pip,
+# which needs it.
 PACKAGES=(
     systemd systemd-sysv dbus
     python3 python3-venv python3-apt python3-packaging
     iproute2 nftables iptables
     curl ca-certificates openssl
-    tinyproxy procps sudo iputils-ping
+    tinyproxy squid procps sudo iputils-ping
 )
 # Bump when the customisation in customise_rootfs changes.
 RECIPE_VERSION=3
@@ -66,8 +67,9 @@ customise_rootfs() {
         systemd-timesyncd.service systemd-networkd-wait-online.service; do
         ln -sf /dev/null "$root/etc/systemd/system/$unit"
     done
-    # tinyproxy is only wanted in the proxy container; the scenario's prepare enables it there.
+    # tinyproxy and squid are only wanted in the proxy container; the scenarios' prepare enables them.
     rm -f "$root/etc/systemd/system/multi-user.target.wants/tinyproxy.service"
+    rm -f "$root/etc/systemd/system/multi-user.target.wants/squid.service"
     # An empty machine-id makes systemd generate one per container at boot.
     : >"$root/etc/machine-id"
     rm -f "$root/var/lib/dbus/machine-id"

@@ -17,25 +17,11 @@ testinfra_hosts = helpers.hosts_in("handyproxy")
 
 LAB = helpers.lab()
 INSTANCES = helpers.host_vars(testinfra_hosts[0])["handyproxy_instances"]
-PORT = INSTANCES[0]["local_port"]
+# The tenants' instances (test_cntlm.py) come first; these tests are about instance `lan`.
+LAN = next(i for i in INSTANCES if i["name"] == "lan")
+PORT = LAN["local_port"]
 # The client runs curl with an empty environment: no *_proxy variable can be involved.
 CURL = "env -i /usr/bin/curl -sS --max-time 20"
-
-
-@pytest.fixture(scope="module")
-def client():
-    return helpers.host_in("client")
-
-
-@pytest.fixture(scope="module")
-def proxy():
-    return helpers.host_in("proxy")
-
-
-@pytest.fixture(scope="module")
-def blob_sha256():
-    origin = helpers.host_in("origin")
-    return origin.check_output("sha256sum /srv/origin/blob.bin").split()[0]
 
 
 def test_instance_is_enabled_active_and_listening(host):
@@ -53,9 +39,12 @@ def test_table_redirects_exactly_the_client_network_in_prerouting(host):
         map(str, table.rules)
     )
     prerouting = table.in_chain("prerouting")
-    # Connections to the router itself are left alone, before any redirect.
+    # Connections to the router itself are left alone, before any redirect; then the rules in
+    # inventory order, each instance's IPv4 and IPv6 rule, so a tenant's address matches first.
     assert str(prerouting[0]) == "prerouting: [any] fib daddr type == local return comment=''"
-    assert [rule.verdict for rule in prerouting[1:]] == [f"redirect :{PORT}"] * 2
+    assert [rule.verdict for rule in prerouting[1:]] == [
+        f"redirect :{instance['local_port']}" for instance in INSTANCES for _family in (4, 6)
+    ]
     assert not table.redirects() & set(table.in_chain("output"))
 
 
