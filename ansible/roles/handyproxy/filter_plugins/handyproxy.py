@@ -49,8 +49,9 @@ def _import_forwarder() -> tuple[Any, Any, Any, str]:
 
 _config, _address, _spec, _IMPORT_ERROR = _import_forwarder()
 
-#: Inventory keys the role owns (the forwarder never sees them as such).
-ROLE_KEYS = ("name", "capture", "upstream_credentials")
+#: Inventory keys the role owns (the forwarder never sees them as such; `cntlm` is replaced by
+#: an upstream_proxy before these filters see an instance: handyproxy_cntlm.py).
+ROLE_KEYS = ("name", "capture", "upstream_credentials", "cntlm")
 #: Forwarder options the role sets itself, with what an inventory does instead: the
 #: credentials file is the LoadCredential'd copy of upstream_credentials (so an inventory cannot
 #: point the service at a file on disk), the control socket is the unit's (-control-socket).

@@ -15,11 +15,11 @@ from types import ModuleType
 
 import pytest
 
-PLUGIN = Path(__file__).resolve().parent.parent / "filter_plugins" / "handyproxy.py"
+PLUGINS = Path(__file__).resolve().parent.parent / "filter_plugins"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("handyproxy_role_filters", PLUGIN)
+def _load(name: str = "handyproxy") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{name}_role_filters", PLUGINS / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -27,6 +27,7 @@ def _load() -> ModuleType:
 
 
 f = _load()
+cntlm = _load("handyproxy_cntlm")
 
 
 def instance(**overrides: object) -> dict[str, object]:
@@ -342,7 +343,12 @@ def test_the_example_inventory_passes_the_preflight():
     group = yaml.safe_load((example / "group_vars" / "handyproxy.yml").read_text())
     for host_file in sorted((example / "host_vars").glob("*.yml")):
         host = yaml.safe_load(host_file.read_text())
+        instances = host["handyproxy_instances"]
+        # As the role does: cntlm blocks are checked, then replaced by their cNTLM upstream.
+        assert cntlm.cntlm_errors(instances, host_file.stem) == []
         errors = f.preflight_errors(
-            host["handyproxy_instances"], group["handyproxy_instance_defaults"], host_file.stem
+            cntlm.cntlm_upstreams(instances),
+            group["handyproxy_instance_defaults"],
+            host_file.stem,
         )
         assert errors == [], errors
