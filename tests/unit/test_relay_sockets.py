@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -20,6 +19,7 @@ from handyproxy.relay import RELAYS, load
 from handyproxy.relay.base import RelayBase
 from handyproxy.relay.copy import CopyRelay
 from handyproxy.relay.splice import TCP_CLOSE, SpliceRelay, _tcp_state
+from handyproxy.sockets import LINGER_RESET
 from handyproxy.tunnel import _unpark
 from handyproxy.upstream.dial import UpstreamPoll
 
@@ -67,7 +67,7 @@ def test_a_client_reset_after_its_half_close_ends_the_splice_tunnel_as_client_re
         await relay.start(loop, client_ours, upstream_ours, None)
         client_app.shutdown(socket.SHUT_WR)
         assert await asyncio.wait_for(loop.sock_recv(origin, 100), 5) == b""  # FIN forwarded
-        client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         client_app.close()  # RST
         await until(lambda: finished.done() or _tcp_state(client_ours) == TCP_CLOSE, "reset")
         origin.shutdown(socket.SHUT_WR)
@@ -217,7 +217,7 @@ def test_an_upstream_reset_before_the_hand_over_ends_the_tunnel_as_upstream_rese
         woken: list[bool] = []
         poll.watcher = lambda _p: woken.append(True)
         poll.want(write=False)
-        origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         origin.close()  # RST
         await until(lambda: bool(woken), "the parked reader saw the reset")
         await asyncio.sleep(0)  # one more turn: uvloop has closed the handle by now
