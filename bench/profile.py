@@ -35,31 +35,17 @@ from bench.run import (
     Bench,
 )
 from bench.tools import (
-    CLK_TCK,
     Forwarder,
     HandyProxy,
     Redsocks,
     cpu_seconds,
     descendants,
     parse_wrk,
+    user_system,
 )
 from handyproxy.lab import netns as labmod
 
 _FRAME_LINE = re.compile(r":\d+\)$")
-
-
-def user_system(pids: list[int]) -> tuple[float, float]:
-    """(utime, stime) in seconds summed over ``pids``: user space (the interpreter) apart from
-    the kernel (system calls, and the loopback TCP work they trigger)."""
-    user = system = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        user, system = user + int(fields[11]), system + int(fields[12])
-    return user / CLK_TCK, system / CLK_TCK
 
 
 def top_functions(raw: str, count: int) -> dict:

@@ -42,17 +42,23 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of every listed process (all their threads), in seconds."""
-    total = 0
+def user_system(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) in seconds summed over ``pids`` (all their threads): user space (the
+    interpreter) apart from the kernel (system calls, and the loopback TCP work they trigger)."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total / CLK_TCK
+        user, system = user + int(fields[11]), system + int(fields[12])  # stat fields 14, 15
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of every listed process (all their threads), in seconds."""
+    return sum(user_system(pids))
 
 
 def rss_kib(pids: list[int]) -> int:
