@@ -68,3 +68,32 @@ def tune_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
     except OSError:
         pass
+
+
+# include/net/tcp_states.h, as TCP_INFO's first byte reports them.
+TCP_ESTABLISHED = 1
+TCP_FIN_WAIT2 = 5
+TCP_CLOSE = 7  # what a socket becomes when a reset arrives
+TCP_CLOSE_WAIT = 8  # ... and when a FIN arrives
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The connection's TCP state; CLOSE for a socket the kernel no longer knows."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return TCP_CLOSE
+
+
+def reset_after_fin(sock: socket.socket | None) -> bool:
+    """True when the peer was reset after its FIN, so every byte it sent is here.
+
+    A reset leaves the socket in CLOSE, its error EPIPE if the FIN was in (CLOSE_WAIT) and
+    ECONNRESET otherwise; the pending error is read, and so taken, only on a dead socket.
+    """
+    if sock is None or tcp_state(sock) != TCP_CLOSE:
+        return False
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.EPIPE
+    except OSError:
+        return False

@@ -59,7 +59,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import struct
 import sys
 import termios
@@ -69,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handyproxy.address import authority, split_hostport, unmap
-from handyproxy.sockets import reset_socket
+from handyproxy.sockets import TCP_CLOSE, TCP_CLOSE_WAIT, reset_socket, tcp_state
 
 log = logging.getLogger("handyproxy.lab.connect_proxy")
 #: Its own logger so ``--quiet`` can silence the per-connection lines and keep these.
@@ -98,8 +97,6 @@ GREEDY_WAIT = 0.5
 STATE_POLL = 0.05
 #: The longest a dying proxy waits for unread bytes before it exits anyway.
 DIE_WAIT = 2.0
-TCP_CLOSE = 7  # linux/tcp_states.h: what a socket becomes when a RST arrives
-TCP_CLOSE_WAIT = 8  # ... and when a FIN arrives
 REASONS = {
     200: "Connection established",
     400: "Bad Request",
@@ -443,7 +440,7 @@ class ConnectProxy:
         sock = writer.get_extra_info("socket")
         seen_fin = False
         while True:
-            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+            state = tcp_state(sock)
             if state == TCP_CLOSE:
                 return "reset"
             if state == TCP_CLOSE_WAIT and not seen_fin:

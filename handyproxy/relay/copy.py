@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 from handyproxy.relay.base import Registration, RelayBase
-from handyproxy.sockets import keep_socket, reset_socket
+from handyproxy.sockets import keep_socket, reset_after_fin, reset_socket
 
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
@@ -31,6 +31,13 @@ def close_transport(transport: asyncio.BaseTransport) -> None:
     """A graceful close: the armed reset is taken off first (see handyproxy.sockets)."""
     keep_socket(transport.get_extra_info("socket"))
     transport.close()
+
+
+def _gone(half: Half) -> bool:
+    """The peer behind ``half`` sent its FIN and was then reset (see handyproxy.sockets)."""
+    if half.peer.eof:  # our own FIN went to it: CLOSE is then an ordinary end
+        return False
+    return reset_after_fin(half.transport.get_extra_info("socket"))
 
 
 class Half(asyncio.Protocol):
@@ -156,10 +163,12 @@ class CopyRelay(RelayBase):
         return self.client.eof or self.upstream.eof
 
     def half_eof(self, half: Half) -> None:
+        """``half`` sent its FIN: pass it on; the tunnel ends when both have, or when ``half``
+        was reset after its FIN (every byte it sent is here, but it takes no more)."""
         peer = half.peer
         if not peer.closed:
             peer.transport.write_eof()  # sent once the peer's write buffer has drained
-        if peer.eof and not peer.held:  # a held peer still owes its bytes; start() ends it
+        if (peer.eof and not peer.held) or _gone(half):  # a held peer owes bytes; start() ends it
             self.end = self.end or "eof"
             for h in (half, peer):
                 if not h.closed:

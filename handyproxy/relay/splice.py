@@ -19,7 +19,14 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from handyproxy.relay.base import Registration, RelayBase
-from handyproxy.sockets import PEER_RESETS, keep_socket, reset_socket
+from handyproxy.sockets import (
+    PEER_RESETS,
+    TCP_CLOSE,
+    keep_socket,
+    reset_after_fin,
+    reset_socket,
+    tcp_state,
+)
 
 PIPE_SIZE = 256 * 1024
 COPY_CHUNK = 64 * 1024
@@ -92,6 +99,7 @@ class Direction:
         "dst_name",
         "dst_sock",
         "eof",
+        "gone",
         "loop",
         "moved",
         "pending",
@@ -128,6 +136,7 @@ class Direction:
         self.pending = 0
         self.moved = 0
         self.eof = False
+        self.gone = False  # the source was reset after its FIN: it takes no more bytes either
         self.shut = False
         self.reading = False
         self.writing = False
@@ -188,11 +197,16 @@ class Direction:
         """Read returned 0: a FIN, or a reset whose error the other direction already took.
 
         Without our own FIN on this socket, a peer's FIN leaves it in CLOSE_WAIT; CLOSE means
-        the connection was reset, and the client must see a reset too, never a clean end.
+        the connection was reset too. A reset before the FIN means the client must see a reset,
+        never a clean end. A reset after it (a proxy's closed socket timed out while we held its
+        last bytes) loses nothing from the source: deliver them, then end the tunnel cleanly,
+        since nothing can reach that side any more.
         """
-        if not self.reverse.shut and _tcp_state(self.src_sock) == TCP_CLOSE:
-            self.relay.failed(self.src_name, ConnectionResetError(errno.ECONNRESET, "reset"))
-            return
+        if not self.reverse.shut and tcp_state(self.src_sock) == TCP_CLOSE:
+            if not reset_after_fin(self.src_sock):
+                self.relay.failed(self.src_name, ConnectionResetError(errno.ECONNRESET, "reset"))
+                return
+            self.gone = True
         self.eof = True
         self.stop_reading()
         self.flush()
@@ -257,16 +271,6 @@ class Direction:
             else:
                 self.relay.pool.put(self.pipe)
             self.pipe = None
-
-
-TCP_CLOSE = 7  # include/net/tcp_states.h
-
-
-def _tcp_state(sock: socket.socket) -> int:
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    except OSError:
-        return TCP_CLOSE
 
 
 def _watch(
@@ -345,7 +349,8 @@ class SpliceRelay(RelayBase):
         return self.up.eof or self.down.eof
 
     def direction_done(self) -> None:
-        if self.up.shut and self.down.shut:
+        """A direction delivered its FIN; the tunnel ends once neither has more to carry."""
+        if (self.up.shut or self.down.gone) and (self.down.shut or self.up.gone):
             self.end = self.end or "eof"
             self.close(reset=False)
 

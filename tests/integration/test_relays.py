@@ -5,13 +5,29 @@ the idle and half-close timers."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
 from kit.client import Client, host_of
-from kit.wire import echo_exchange, expect_reset, recv_all, recv_until, reset_close
+from kit.waiting import wait_until
+from kit.wire import (
+    echo_exchange,
+    expect_reset,
+    recv_all,
+    recv_until,
+    recv_until_end,
+    reset_close,
+)
+
+from handyproxy.lab.netns import ORIGIN_V4, PROXY_PORT, UPSTREAM_V4
+from handyproxy.sockets import TCP_ESTABLISHED, TCP_FIN_WAIT2, tcp_state
 
 pytestmark = pytest.mark.integration
+
+#: Fits what the forwarder takes in while its client does not read (a pipe, or the copy relay's
+#: write buffer, plus socket buffers), and is more than the client's side can hold.
+GONE_BODY = 160 * 1024
 
 
 def test_bulk_bytes_arrive_intact_both_ways(
@@ -95,3 +111,43 @@ def test_quiet_half_closed_tunnel_is_reset_after_half_close_timeout(
 
     assert "end=half-close-timeout" in record
     assert waited <= 4.0
+
+
+def test_upstream_gone_after_its_fin_still_delivers_every_byte(
+    request, relay, lab, upstream_listener, start_handyproxy
+):
+    """An upstream that sent everything and its FIN and is then gone (a proxy's FIN_WAIT2 socket
+    times out after a minute; its kernel answers our next segment with a reset) while the client
+    was not reading: its bytes are all here, so the client gets every one and a clean end, not a
+    reset. The lifecycle Molecule scenario met this with tinyproxy and downloads held 65 s."""
+    forwarder = start_handyproxy("-relay", relay)
+    port = 20001
+    client = lab.socket("client")
+    request.addfinalizer(client.close)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client barely reads
+    client.settimeout(5)
+    client.connect((ORIGIN_V4, port))
+    upstream, _ = upstream_listener.accept()
+    request.addfinalizer(upstream.close)
+    assert recv_until(upstream, b"\r\n\r\n").startswith(f"CONNECT {ORIGIN_V4}:{port} ".encode())
+    body = os.urandom(GONE_BODY)
+    upstream.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n" + body)
+    upstream.shutdown(socket.SHUT_WR)
+    # Everything and the FIN acknowledged by the forwarder's kernel, then the reset.
+    wait_until(lambda: tcp_state(upstream) == TCP_FIN_WAIT2, what="the body and FIN acked")
+    reset_close(upstream)
+    wait_until(
+        lambda: not lab.run(
+            "router", ["ss", "-Htn", "dst", f"{UPSTREAM_V4}:{PROXY_PORT}"], capture_output=True,
+            text=True, check=True,
+        ).stdout.strip(),
+        what="the forwarder's upstream socket reset",
+    )  # fmt: skip
+    # The case to prove: the forwarder still holds bytes for the client, so has not ended it.
+    assert tcp_state(client) == TCP_ESTABLISHED
+
+    data, how = recv_until_end(client)
+
+    assert (how, len(data), data == body) == ("eof", len(body), True)
+    record = forwarder.wait_record(lambda r: r["dst"] == f"{ORIGIN_V4}:{port}")
+    assert (record["end"], record["down"]) == ("eof", str(len(body)))

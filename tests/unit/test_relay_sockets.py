@@ -18,8 +18,8 @@ import uvloop
 from handyproxy.relay import RELAYS, load
 from handyproxy.relay.base import RelayBase
 from handyproxy.relay.copy import CopyRelay
-from handyproxy.relay.splice import TCP_CLOSE, SpliceRelay, _tcp_state
-from handyproxy.sockets import LINGER_RESET
+from handyproxy.relay.splice import SpliceRelay
+from handyproxy.sockets import LINGER_RESET, TCP_CLOSE, tcp_state
 from handyproxy.tunnel import _unpark
 from handyproxy.upstream.dial import UpstreamPoll
 
@@ -69,7 +69,7 @@ def test_a_client_reset_after_its_half_close_ends_the_splice_tunnel_as_client_re
         assert await asyncio.wait_for(loop.sock_recv(origin, 100), 5) == b""  # FIN forwarded
         client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         client_app.close()  # RST
-        await until(lambda: finished.done() or _tcp_state(client_ours) == TCP_CLOSE, "reset")
+        await until(lambda: finished.done() or tcp_state(client_ours) == TCP_CLOSE, "reset")
         origin.shutdown(socket.SHUT_WR)
         done = await asyncio.wait_for(finished, 5)
         return done.end
