@@ -187,7 +187,9 @@ class Config:
         0.0, "duration", "end tunnels idle this long in both directions (0: never)"
     )
     half_close_timeout: float = option(
-        60.0, "duration", "end tunnels this long after one direction ended (0: never)"
+        60.0,
+        "duration",
+        "end tunnels quiet this long after one direction ended and delivered its bytes (0: never)",
     )
     max_connections: int = option(0, "int", "tunnels open at once (0: no cap)")
     max_client_connections: int = option(

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import socket
 import struct
+import termios
 
 #: Errors that mean "the peer (or the path to it) went away", not a fault of ours.
 PEER_RESETS = frozenset(
@@ -97,3 +99,13 @@ def reset_after_fin(sock: socket.socket | None) -> bool:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.EPIPE
     except OSError:
         return False
+
+
+def unacked(sock: socket.socket | None) -> int:
+    """Bytes written to ``sock`` that its peer has not acknowledged yet (SIOCOUTQ)."""
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

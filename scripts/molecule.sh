@@ -11,7 +11,8 @@
 # Usage: scripts/molecule.sh [SCENARIO...]      (default: every scenario under molecule/)
 # Environment: VENV (default <repo>/.venv), HPM_ID (suffix of container and network names;
 # default random), MOLECULE_ARGS (extra arguments for `molecule test`, e.g. --destroy=never),
-# HANDYPROXY_SUITES (the Debian suites to run on; default "bookworm trixie", the supported ones).
+# HANDYPROXY_SUITES (the Debian suites to run on; default "bookworm trixie", the supported ones),
+# MOLECULE_JOBS (scenarios run at once, default 2; a scenario's suites always run in turn).
 set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -83,27 +84,61 @@ else
     done
 fi
 
-declare -A took result
-runs=()
-failed=0
-for suite in $SUITES; do
+# Scenarios use disjoint subnets and container names, so different scenarios may run at once;
+# one scenario's suites run one after the other. Each scenario (all its suites) goes to the lane
+# with the least work so far, by the weights below (lifecycle takes about as long as the others
+# together). MOLECULE_JOBS=1 runs everything in turn.
+declare -A weight=([lifecycle]=3)
+JOBS=${MOLECULE_JOBS:-2}
+RUNS=$XDG_CACHE_HOME/molecule-runs
+rm -rf "$RUNS"
+mkdir -p "$RUNS"
+
+run_one() {  # SCENARIO SUITE: molecule test, its output printed whole once it is done
+    local s=$1 suite=$2 out="$RUNS/$1-$2" rc=0 t0=$SECONDS
+    log "scenario $s on $suite: molecule test (HPM_ID=$HPM_ID)"
     # .config/molecule/config.yml runs every container on this image.
-    export HANDYPROXY_MOLECULE_IMAGE=${image[$suite]}
-    for s in "${scenarios[@]}"; do
-        run="$s/$suite"
-        runs+=("$run")
-        log "scenario $s on $suite: molecule test (HPM_ID=$HPM_ID)"
-        t0=$SECONDS
-        # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
-        if molecule test -s "$s" ${MOLECULE_ARGS:-}; then
-            result[$run]=passed
-        else
-            result[$run]=FAILED
-            failed=1
-        fi
-        took[$run]=$((SECONDS - t0))
-        log "scenario $s on $suite: ${result[$run]} in ${took[$run]}s"
+    # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
+    HANDYPROXY_MOLECULE_IMAGE=${image[$suite]} molecule test -s "$s" ${MOLECULE_ARGS:-} \
+        >"$out.log" 2>&1 || rc=$?
+    local verdict=passed
+    ((rc == 0)) || verdict=FAILED
+    echo "$verdict $((SECONDS - t0))" >"$out.result"
+    {
+        flock 8
+        log "----- scenario $s on $suite: output"
+        cat "$out.log"
+        log "scenario $s on $suite: $verdict in $((SECONDS - t0))s"
+    } 8>"$RUNS/print.lock"
+}
+
+declare -a lane_work lane_runs
+for ((i = 0; i < JOBS; i++)); do lane_work[i]=0; lane_runs[i]=""; done
+runs=()
+for s in "${scenarios[@]}"; do
+    best=0
+    for ((i = 1; i < JOBS; i++)); do
+        ((lane_work[i] < lane_work[best])) && best=$i
     done
+    lane_work[best]=$((lane_work[best] + ${weight[$s]:-1}))
+    for suite in $SUITES; do
+        lane_runs[best]+=" $s/$suite"
+        runs+=("$s/$suite")
+    done
+done
+lanes=()
+for ((i = 0; i < JOBS; i++)); do
+    [[ -n ${lane_runs[i]} ]] || continue
+    (for run in ${lane_runs[i]}; do run_one "${run%/*}" "${run#*/}"; done) &
+    lanes+=($!)
+done
+wait "${lanes[@]}" || true  # each run's verdict is in its .result file
+
+declare -A took result
+failed=0
+for run in "${runs[@]}"; do
+    read -r result[$run] took[$run] <"$RUNS/${run%/*}-${run#*/}.result" || result[$run]=FAILED
+    [[ ${result[$run]} == passed ]] || failed=1
 done
 
 log "summary:"

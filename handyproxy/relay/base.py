@@ -31,6 +31,9 @@ class RelayBase:
     bytes_up: int
     bytes_down: int
     half_closed: bool
+    #: An ended direction still owes its peer bytes (held here, or unacknowledged in the
+    #: kernel): the peer is slow, not gone, and a reset now would cut what it was sent.
+    delivering: bool
 
     async def start(
         self,
@@ -79,6 +82,9 @@ class RelayBase:
             return
         quiet = now - self.quiet_since
         if half_close_timeout > 0 and self.half_closed and quiet >= half_close_timeout:
+            if self.delivering:  # the half-close counts from when the last byte is through
+                self.quiet_since = now
+                return
             self.abort("half-close-timeout")
         elif idle_timeout > 0 and quiet >= idle_timeout:
             self.abort("idle-timeout")

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 from handyproxy.relay.base import Registration, RelayBase
-from handyproxy.sockets import keep_socket, reset_after_fin, reset_socket
+from handyproxy.sockets import keep_socket, reset_after_fin, reset_socket, unacked
 
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
@@ -31,6 +31,13 @@ def close_transport(transport: asyncio.BaseTransport) -> None:
     """A graceful close: the armed reset is taken off first (see handyproxy.sockets)."""
     keep_socket(transport.get_extra_info("socket"))
     transport.close()
+
+
+def _owes(transport: asyncio.Transport | None) -> bool:
+    """Bytes written to ``transport`` that have not reached its peer yet."""
+    if transport is None:
+        return False
+    return transport.get_write_buffer_size() > 0 or unacked(transport.get_extra_info("socket")) > 0
 
 
 def _gone(half: Half) -> bool:
@@ -161,6 +168,13 @@ class CopyRelay(RelayBase):
     @property
     def half_closed(self) -> bool:
         return self.client.eof or self.upstream.eof
+
+    @property
+    def delivering(self) -> bool:
+        return any(
+            half.eof and not half.peer.closed and _owes(half.peer.transport)
+            for half in (self.client, self.upstream)
+        )
 
     def half_eof(self, half: Half) -> None:
         """``half`` sent its FIN: pass it on; the tunnel ends when both have, or when ``half``

@@ -26,6 +26,7 @@ from handyproxy.sockets import (
     reset_after_fin,
     reset_socket,
     tcp_state,
+    unacked,
 )
 
 PIPE_SIZE = 256 * 1024
@@ -347,6 +348,12 @@ class SpliceRelay(RelayBase):
     @property
     def half_closed(self) -> bool:
         return self.up.eof or self.down.eof
+
+    @property
+    def delivering(self) -> bool:
+        return any(
+            d.eof and (d.pending > 0 or unacked(d.dst_sock) > 0) for d in (self.up, self.down)
+        )
 
     def direction_done(self) -> None:
         """A direction delivered its FIN; the tunnel ends once neither has more to carry."""

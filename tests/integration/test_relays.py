@@ -20,7 +20,7 @@ from kit.wire import (
     reset_close,
 )
 
-from handyproxy.lab.netns import ORIGIN_V4, PROXY_PORT, UPSTREAM_V4
+from handyproxy.lab.netns import CLIENT_V4, ORIGIN_V4, PROXY_PORT, UPSTREAM_V4
 from handyproxy.sockets import TCP_ESTABLISHED, TCP_FIN_WAIT2, tcp_state
 
 pytestmark = pytest.mark.integration
@@ -28,6 +28,9 @@ pytestmark = pytest.mark.integration
 #: Fits what the forwarder takes in while its client does not read (a pipe, or the copy relay's
 #: write buffer, plus socket buffers), and is more than the client's side can hold.
 GONE_BODY = 160 * 1024
+#: Fits the forwarder's socket buffer towards a client that does not read, so the forwarder
+#: reads the upstream's FIN behind it at once.
+SLOW_BODY = 32 * 1024
 
 
 def test_bulk_bytes_arrive_intact_both_ways(
@@ -150,4 +153,50 @@ def test_upstream_gone_after_its_fin_still_delivers_every_byte(
 
     assert (how, len(data), data == body) == ("eof", len(body), True)
     record = forwarder.wait_record(lambda r: r["dst"] == f"{ORIGIN_V4}:{port}")
+    assert (record["end"], record["down"]) == ("eof", str(len(body)))
+
+
+def test_half_close_timer_waits_for_a_slow_client_to_take_the_last_bytes(
+    request, relay, lab, upstream_listener, start_handyproxy
+):
+    """The upstream sent its last bytes and its FIN; the client takes longer than the
+    half-close timeout to read them. The timer is for tunnels left half-open with nothing to
+    carry, so it must not cut bytes still on their way: they all arrive, then a clean end.
+    A second, finished tunnel opened later shows when the timer has had its chance."""
+    forwarder = start_handyproxy("-relay", relay, "-half-close-timeout", "1s")
+
+    def tunnel(port: int, body: bytes, rcvbuf: int = 0) -> socket.socket:
+        client = lab.socket("client")
+        request.addfinalizer(client.close)
+        if rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.settimeout(5)
+        client.connect((ORIGIN_V4, port))
+        upstream, _ = upstream_listener.accept()
+        request.addfinalizer(upstream.close)
+        assert recv_until(upstream, b"\r\n\r\n").startswith(f"CONNECT {ORIGIN_V4}:".encode())
+        upstream.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n" + body)
+        upstream.shutdown(socket.SHUT_WR)
+        return client
+
+    body = os.urandom(SLOW_BODY)
+    slow = tunnel(20002, body, rcvbuf=4096)
+    # The forwarder has read the upstream's FIN and passed it on behind the bytes: half-closed.
+    wait_until(
+        lambda: lab.run(
+            "router", ["ss", "-Htn", "state", "fin-wait-1", "dst", CLIENT_V4], capture_output=True,
+            text=True, check=True,
+        ).stdout.strip(),
+        what="the forwarder's FIN to the slow client queued",
+    )  # fmt: skip
+    done = tunnel(20003, b"x")
+    assert recv_until_end(done) == (b"x", "eof")
+    finished = forwarder.wait_record(lambda r: r["dst"] == f"{ORIGIN_V4}:20003", timeout=8)
+    assert finished["end"] == "half-close-timeout"
+
+    data, how = recv_until_end(slow)
+
+    assert (how, len(data), data == body) == ("eof", len(body), True)
+    slow.shutdown(socket.SHUT_WR)
+    record = forwarder.wait_record(lambda r: r["dst"] == f"{ORIGIN_V4}:20002")
     assert (record["end"], record["down"]) == ("eof", str(len(body)))

@@ -33,6 +33,7 @@ class MockTransport:
         self.pause_calls = 0
         self.resume_calls = 0
         self.limits: tuple[int | None, int | None] | None = None
+        self.buffered = 0  # what get_write_buffer_size() reports: bytes not yet handed on
 
     @property
     def data(self) -> bytes:
@@ -68,6 +69,9 @@ class MockTransport:
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return None if name == "socket" else default
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
 
 class Tunnel:
@@ -323,6 +327,25 @@ def test_half_close_timeout_ends_a_tunnel_stuck_after_one_eof() -> None:
     tick(106.0)
     assert (t.ct.aborted, t.ut.aborted) == (1, 1)
     assert t.relay.end == "half-close-timeout"
+
+
+def test_half_close_timeout_counts_from_when_the_last_bytes_are_through() -> None:
+    """The upstream's FIN is in but the slow client has not taken the bytes before it: not
+    quiet, a reset would cut them. The timer starts once the buffer is empty."""
+    t = Tunnel(now=0.0)
+    tick = ticks(t, idle=0.0, half=5.0)
+    t.upstream.data_received(b"last bytes")
+    t.upstream.eof_received()
+    t.ct.buffered = 10
+    tick(0.0)
+    tick(50.0)
+    assert t.ct.aborted == 0
+    t.ct.buffered = 0  # emptied between the ticks at 50 and 51
+    tick(51.0)
+    tick(54.0)
+    assert t.ct.aborted == 0
+    tick(55.0)
+    assert (t.ct.aborted, t.relay.end) == (1, "half-close-timeout")
 
 
 def test_half_close_timeout_wins_over_a_longer_idle_timeout() -> None:
