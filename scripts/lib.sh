@@ -4,7 +4,7 @@
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="${VENV:-$REPO/.venv}"
 
-say() { printf '\n==> %s\n' "$*" >&2; }
+say() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
 # log MESSAGE: one line on stderr, prefixed with the name of the script that sourced this file.
 log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
 

@@ -1,4 +1,5 @@
-"""Scenario `default`: one host, two instances, OUTPUT capture, traffic through real tinyproxies.
+"""Scenario `default`: a Debian 12 and a Debian 13 host from one wheelhouse, two instances each,
+OUTPUT capture, traffic through real tinyproxies.
 
 The host's own `curl` to the origin must arrive through the right upstream: the origin sits on a
 network only the proxy container reaches, so an answer at all proves the detour, and the origin
@@ -7,7 +8,11 @@ reports the proxy's address as its peer.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+from pathlib import Path
 
 import helpers
 import pytest
@@ -23,6 +28,42 @@ METRICS = {i["name"]: i["metrics_address"] for i in INSTANCES if i.get("metrics_
 @pytest.fixture(scope="module")
 def proxy():
     return helpers.host_in("proxy")
+
+
+def test_the_fleet_has_a_host_of_every_suite_of_the_run():
+    """One inventory, one converge: a host per Debian suite (scripts/molecule.sh's run)."""
+    suites = sorted(os.environ.get("HANDYPROXY_SUITES", "bookworm trixie").split())
+    releases = sorted(
+        helpers.sh(helpers.get_host(name), ". /etc/os-release && echo $VERSION_CODENAME").strip()
+        for name in testinfra_hosts
+    )
+    assert sorted(set(releases)) == suites
+    assert len(releases) == 2
+
+
+def test_the_wheelhouse_serves_every_python_and_architecture_and_holds_its_hashes():
+    wheelhouse = Path(helpers.host_vars(testinfra_hosts[0])["handyproxy_wheelhouse_dir"])
+    lines = (wheelhouse / "SHA256SUMS").read_text().split("\n")
+    sums = dict(reversed(line.split()) for line in lines if line.strip())
+    for name, digest in sums.items():
+        assert hashlib.sha256((wheelhouse / name).read_bytes()).hexdigest() == digest, name
+    uvloop = {
+        (m.group(1), m.group(2))
+        for name in sums
+        if (m := re.match(r"uvloop-[^-]+-cp(\d+)-.*_(x86_64|aarch64)\.whl$", name))
+    }
+    assert {("311", "x86_64"), ("311", "aarch64"), ("313", "x86_64"), ("313", "aarch64")} <= uvloop
+
+
+def test_each_host_runs_the_uvloop_wheel_of_its_own_python_and_architecture(host):
+    python = host.check_output(
+        "/usr/bin/python3 -c %s", "import sys; print('cp%d%d' % sys.version_info[:2])"
+    )
+    arch = host.check_output("uname -m")
+    tags = host.check_output(
+        "cat /opt/handyproxy/venv/lib/python3*/site-packages/uvloop-*.dist-info/WHEEL"
+    )
+    assert re.search(rf"^Tag: {python}-{python}-\S*_{arch}$", tags, re.MULTILINE), tags
 
 
 @pytest.mark.parametrize("name", sorted(PORTS))
@@ -243,7 +284,14 @@ def test_systemctl_restart_during_downloads_loses_nothing(host):
     host.check_output("rm -rf /tmp/dl && mkdir /tmp/dl")
     curl = f"curl -sS --max-time 60 --limit-rate 100k {url}"
     starts = " ".join(f"({curl} -o /tmp/dl/{i}; echo $? > /tmp/dl/{i}.rc) &" for i in range(8))
-    host.check_output(f"bash -c '{starts} sleep 1; systemctl restart handyproxy@web.service; wait'")
+    # Restart once every download has its first bytes (polled for up to 10 s).
+    started = (
+        'for n in $(seq 200); do [ $(find /tmp/dl -name "[0-9]" -size +0 | wc -l) -ge 8 ]'
+        " && break; sleep 0.05; done"
+    )
+    host.check_output(
+        f"bash -c '{starts} {started}; systemctl restart handyproxy@web.service; wait'"
+    )
     for i in range(8):
         rc = int(host.check_output(f"cat /tmp/dl/{i}.rc"))
         assert rc in (0, 56), f"download {i}: curl exit {rc}"
