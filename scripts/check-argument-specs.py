@@ -47,8 +47,12 @@ def options_without_description(options: dict[str, Any], prefix: str = "") -> li
 
 
 def role_filters(role: Path) -> Any:
-    """The role's filter plugin, imported from its file (it imports handyproxy.config)."""
-    path = role / "filter_plugins" / "handyproxy.py"
+    """The role's filter plugin, imported from its file (it imports handyproxy.config).
+
+    The filters belong to the collection the role is in (ROLE/../../plugins/filter: the role
+    calls them as handyproxy.fleet.NAME).
+    """
+    path = role.parent.parent / "plugins" / "filter" / "handyproxy.py"
     spec = importlib.util.spec_from_file_location("handyproxy_role_filters", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

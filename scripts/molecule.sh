@@ -3,10 +3,12 @@
 # supported Debian suite.
 #
 # The one entry point the test command calls. It makes sure Docker runs (scripts/docker-setup.sh),
-# the base image of each suite exists (scripts/build-image.sh SUITE, cached), and the wheelhouse
-# the role installs from is built from this checkout (scripts/build-wheelhouse.sh); then it runs
-# `molecule test` for each suite and scenario in turn with the venv's tools and prints how long
-# each took. Exit status: non-zero when any step or scenario failed.
+# the base image of each suite exists (scripts/build-image.sh SUITE, cached), the wheelhouse the
+# role installs from is built from this checkout (scripts/build-wheelhouse.sh), and so is the
+# collection handyproxy.fleet, installed offline into .cache/collections where
+# molecule/shared/converge.yml finds handyproxy.fleet.site (scripts/build-collection.sh); then
+# it runs `molecule test` for each suite and scenario in turn with the venv's tools and prints
+# how long each took. Exit status: non-zero when any step or scenario failed.
 #
 # Usage: scripts/molecule.sh [SCENARIO...]      (default: every scenario under molecule/)
 # Environment: VENV (default <repo>/.venv), HPM_ID (suffix of container and network names;
@@ -81,6 +83,8 @@ else
     "$VENV/bin/python" -m pip wheel --disable-pip-version-check -q \
         --wheel-dir "$ROOT/wheelhouse" "$ROOT"
 fi
+# .config/molecule/config.yml points ANSIBLE_COLLECTIONS_PATH here: the scenarios run the artifact.
+HANDYPROXY_COLLECTIONS_PATH=$ROOT/.cache/collections bash "$ROOT/scripts/build-collection.sh"
 log "setup took $((SECONDS - t_setup))s"
 
 if (($# > 0)); then

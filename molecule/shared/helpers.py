@@ -198,7 +198,7 @@ def nft_tables(host: Host) -> set[tuple[str, str]]:
 def expected_redirects(instances: Iterable[dict[str, Any]]) -> set[Rule]:
     """The redirect rules the role should write for an inventory's instances.
 
-    Written from the variable contract, independently of the role's filter plugin: one rule per
+    Written from the variable contract, independently of the collection's filters: one rule per
     capture rule and family, matching its interfaces, sources, excluded destinations and ports.
     """
     expected: set[Rule] = set()

@@ -12,7 +12,8 @@ from types import ModuleType
 
 import pytest
 
-PLUGIN = Path(__file__).resolve().parent.parent / "filter_plugins" / "handyproxy_cntlm.py"
+# One of the collection handyproxy.fleet's filters (ansible/plugins/filter).
+PLUGIN = Path(__file__).resolve().parents[3] / "plugins" / "filter" / "handyproxy_cntlm.py"
 SECRET = "s3cr3t-never-shown"
 
 

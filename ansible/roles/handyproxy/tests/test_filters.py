@@ -2,7 +2,7 @@
 
 The plugin decides what reaches the host (rules, TOML values) and what never does (a bad
 inventory), so each check here is one an operator's typo would hit. No Ansible run is needed:
-the plugin is plain Python, imported from the role's filter_plugins directory.
+the plugins are plain Python, imported from the collection's plugins/filter directory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from types import ModuleType
 
 import pytest
 
-PLUGINS = Path(__file__).resolve().parent.parent / "filter_plugins"
+# The collection handyproxy.fleet's filters (ansible/plugins/filter), which the role calls by FQCN.
+PLUGINS = Path(__file__).resolve().parents[3] / "plugins" / "filter"
 
 
 def _load(name: str = "handyproxy") -> ModuleType:

@@ -229,12 +229,12 @@ def cntlm_hashes(output: Any) -> dict[str, str]:
 
 
 class FilterModule:
-    """Registers the filters under handyproxy_cntlm_* names."""
+    """Registers the filters; tasks and templates call them as handyproxy.fleet.NAME."""
 
     def filters(self) -> dict[str, Any]:
         return {
-            "handyproxy_cntlm_errors": cntlm_errors,
-            "handyproxy_cntlm_upstreams": cntlm_upstreams,
-            "handyproxy_cntlm_owners": cntlm_owners,
-            "handyproxy_cntlm_hashes": cntlm_hashes,
+            "cntlm_errors": cntlm_errors,
+            "cntlm_upstreams": cntlm_upstreams,
+            "cntlm_owners": cntlm_owners,
+            "cntlm_hashes": cntlm_hashes,
         }

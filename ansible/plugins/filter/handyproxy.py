@@ -27,8 +27,9 @@ from typing import Any
 def _import_forwarder() -> tuple[Any, Any, Any, str]:
     """handyproxy.config, handyproxy.address and handyproxy.upstream.spec, or the reason not.
 
-    The controller needs the handyproxy package (the venv of this checkout has it); a checkout
-    without it installed is found next to the role (ansible/roles/handyproxy/filter_plugins).
+    The controller needs the handyproxy package (the venv of this checkout has it); without it
+    installed, a checkout is found above this file (ansible/plugins/filter, or the collection
+    installed under the checkout's .cache/collections).
     """
     for attempt in (None, *Path(__file__).resolve().parents):
         if attempt is not None:
@@ -47,7 +48,13 @@ def _import_forwarder() -> tuple[Any, Any, Any, str]:
     return None, None, None, reason
 
 
-_config, _address, _spec, _IMPORT_ERROR = _import_forwarder()
+# One name per assignment: Ansible's plugin documentation reader (ansible-doc, ansible-lint)
+# warns about a module-level tuple target.
+_FORWARDER = _import_forwarder()
+_config = _FORWARDER[0]
+_address = _FORWARDER[1]
+_spec = _FORWARDER[2]
+_IMPORT_ERROR = _FORWARDER[3]
 
 #: Inventory keys the role owns (the forwarder never sees them as such; `cntlm` is replaced by
 #: an upstream_proxy before these filters see an instance: handyproxy_cntlm.py).
@@ -554,18 +561,18 @@ def iptables_interface(name: str) -> str:
 
 
 class FilterModule:
-    """Registers the filters under handyproxy_* names."""
+    """Registers the filters; tasks and templates call them as handyproxy.fleet.NAME."""
 
     def filters(self) -> dict[str, Any]:
         return {
-            "handyproxy_preflight_errors": preflight_errors,
-            "handyproxy_merge_instances": merge_instances,
-            "handyproxy_capture_rules": capture_rules,
-            "handyproxy_upstream_ips": upstream_ips,
-            "handyproxy_timeout_stop_sec": timeout_stop_sec,
-            "handyproxy_toml_settings": toml_settings,
-            "handyproxy_toml_value": toml_value,
-            "handyproxy_iptables_interface": iptables_interface,
-            "handyproxy_select_wheels": select_wheels,
-            "handyproxy_checksum_mismatches": checksum_mismatches,
+            "preflight_errors": preflight_errors,
+            "merge_instances": merge_instances,
+            "capture_rules": capture_rules,
+            "upstream_ips": upstream_ips,
+            "timeout_stop_sec": timeout_stop_sec,
+            "toml_settings": toml_settings,
+            "toml_value": toml_value,
+            "iptables_interface": iptables_interface,
+            "select_wheels": select_wheels,
+            "checksum_mismatches": checksum_mismatches,
         }
