@@ -13,8 +13,7 @@
 # Usage: scripts/molecule.sh [SCENARIO...]      (default: every scenario under molecule/)
 # Environment: VENV (default <repo>/.venv), HPM_ID (suffix of container and network names;
 # default random), MOLECULE_ARGS (extra arguments for `molecule test`, e.g. --destroy=never),
-# HANDYPROXY_SUITES (the Debian suites to run on; default "bookworm trixie", the supported ones),
-# MOLECULE_JOBS (scenarios run at once, default 1; a scenario's suites always run in turn).
+# HANDYPROXY_SUITES (the Debian suites to run on; default "bookworm trixie", the supported ones).
 set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -96,74 +95,33 @@ else
     done
 fi
 
-# Scenarios use disjoint subnets and container names, so different scenarios may run at once,
-# in MOLECULE_JOBS lanes (default 1: on 2 cores two lanes took as long as one, 1,521 s against
-# about 1,570 s, each scenario running twice as slowly); one scenario's suites run one after the
-# other. Longest first, each scenario goes to the lane with the least work so far, by the seconds
-# one run took alone on 2 cores (rough figures; a scenario not listed counts 200).
-declare -A weight=([lifecycle]=440 [router]=190 [default]=220)
-JOBS=${MOLECULE_JOBS:-1}
-RUNS=$XDG_CACHE_HOME/molecule-runs
-rm -rf "$RUNS"
-mkdir -p "$RUNS"
-
-run_one() {  # SCENARIO SUITE: molecule test, its output printed whole once it is done
-    local s=$1 suite=$2 out="$RUNS/$1-$2" rc=0 t0=$SECONDS
-    log "scenario $s on $suite: molecule test (HPM_ID=$HPM_ID)"
-    # .config/molecule/config.yml runs every container on this image.
-    # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
-    HANDYPROXY_MOLECULE_IMAGE=${image[$suite]:-${image[$first]}} \
-        molecule test -s "$s" ${MOLECULE_ARGS:-} >"$out.log" 2>&1 || rc=$?
-    local verdict=passed
-    ((rc == 0)) || verdict=FAILED
-    echo "$verdict $((SECONDS - t0))" >"$out.result"
-    {
-        flock 8
-        log "----- scenario $s on $suite: output"
-        cat "$out.log"
-        log "scenario $s on $suite: $verdict in $((SECONDS - t0))s"
-    } 8>"$RUNS/print.lock"
-}
-
-declare -A suites_of work_of
+declare -A took result
+runs=()
+failed=0
 for s in "${scenarios[@]}"; do
     # A scenario that names the per-suite images (a mixed fleet) runs once, on all of them.
     if grep -q 'HANDYPROXY_MOLECULE_IMAGE_' "$ROOT/molecule/$s/molecule.yml"; then
-        suites_of[$s]=fleet
+        suites=fleet
     else
-        suites_of[$s]=$SUITES
+        suites=$SUITES
     fi
-    n=$(wc -w <<<"${suites_of[$s]}")
-    work_of[$s]=$((${weight[$s]:-200} * n))
-done
-declare -a lane_work lane_runs
-for ((i = 0; i < JOBS; i++)); do lane_work[i]=0; lane_runs[i]=""; done
-runs=()
-longest_first=$(for s in "${scenarios[@]}"; do echo "${work_of[$s]} $s"; done | sort -rn)
-for s in $(cut -d' ' -f2 <<<"$longest_first"); do
-    best=0
-    for ((i = 1; i < JOBS; i++)); do
-        ((lane_work[i] < lane_work[best])) && best=$i
+    for suite in $suites; do
+        run="$s/$suite"
+        runs+=("$run")
+        log "scenario $s on $suite: molecule test (HPM_ID=$HPM_ID)"
+        t0=$SECONDS
+        # .config/molecule/config.yml runs every container on this image.
+        # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
+        if HANDYPROXY_MOLECULE_IMAGE=${image[$suite]:-${image[$first]}} \
+            molecule test -s "$s" ${MOLECULE_ARGS:-}; then
+            result[$run]=passed
+        else
+            result[$run]=FAILED
+            failed=1
+        fi
+        took[$run]=$((SECONDS - t0))
+        log "scenario $s on $suite: ${result[$run]} in ${took[$run]}s"
     done
-    lane_work[best]=$((lane_work[best] + work_of[$s]))
-    for suite in ${suites_of[$s]}; do
-        lane_runs[best]+=" $s/$suite"
-        runs+=("$s/$suite")
-    done
-done
-lanes=()
-for ((i = 0; i < JOBS; i++)); do
-    [[ -n ${lane_runs[i]} ]] || continue
-    (for run in ${lane_runs[i]}; do run_one "${run%/*}" "${run#*/}"; done) &
-    lanes+=($!)
-done
-wait "${lanes[@]}" || true  # each run's verdict is in its .result file
-
-declare -A took result
-failed=0
-for run in "${runs[@]}"; do
-    read -r result[$run] took[$run] <"$RUNS/${run%/*}-${run#*/}.result" || result[$run]=FAILED
-    [[ ${result[$run]} == passed ]] || failed=1
 done
 
 log "summary:"
