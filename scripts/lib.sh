@@ -3,6 +3,8 @@
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="${VENV:-$REPO/.venv}"
+# The Debian suites the role supports, one Molecule image each (scripts/build-image.sh SUITE).
+SUPPORTED_SUITES="bookworm trixie"
 
 say() { printf '\n==> %s (at %ss)\n' "$*" "$SECONDS" >&2; }
 # log MESSAGE: one line on stderr, prefixed with the name of the script that sourced this file.

@@ -48,8 +48,7 @@ fi
 t_setup=$SECONDS
 # 9>&-: a dockerd started from here must not inherit the lock, or it would hold it forever.
 bash "$ROOT/scripts/docker-setup.sh" 9>&-
-SUPPORTED="bookworm trixie"
-SUITES=${HANDYPROXY_SUITES:-$SUPPORTED}
+SUITES=${HANDYPROXY_SUITES:-$SUPPORTED_SUITES}
 declare -A image
 for suite in $SUITES; do
     image[$suite]=$(bash "$ROOT/scripts/build-image.sh" "$suite")
@@ -58,7 +57,7 @@ done
 # HANDYPROXY_MOLECULE_IMAGE_BOOKWORM and so on; a suite left out of this run takes the first
 # image built, so a one-suite run still has every host.
 first=${SUITES%% *}
-for suite in $SUPPORTED; do
+for suite in $SUPPORTED_SUITES; do
     export "HANDYPROXY_MOLECULE_IMAGE_${suite^^}=${image[$suite]:-${image[$first]}}"
 done
 

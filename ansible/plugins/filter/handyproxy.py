@@ -489,16 +489,47 @@ def capture_rules(instances: Any) -> list[dict[str, Any]]:
     return expanded
 
 
-def checksum_mismatches(results: Any) -> list[str]:
-    """The wheels whose controller-side stat (a looped `stat` over select_wheels' wheels with
-    checksum_algorithm sha256) is missing or differs from the manifest's hash."""
-    bad = []
-    for result in results if isinstance(results, list) else []:
-        item = result.get("item") or {}
-        stat = result.get("stat") or {}
-        if not stat.get("exists") or stat.get("checksum") != item.get("sha256"):
-            bad.append(str(item.get("file")))
-    return bad
+def _host_wheels(listing: Any) -> dict[str, dict[str, str]]:
+    """The host's wheelhouse as tasks/install.yml lists it: `file NAME MODE OWNER:GROUP` lines
+    (find -printf) and `SHA256  ./NAME` lines (sha256sum), in any order."""
+    found: dict[str, dict[str, str]] = {}
+    for line in str(listing or "").splitlines():
+        words = line.split()
+        if len(words) == 4 and words[0] == "file":
+            found.setdefault(words[1], {}).update(mode=words[2], owner=words[3])
+        elif len(words) == 2 and re.fullmatch(r"[0-9a-f]{64}", words[0]):
+            found.setdefault(words[1].removeprefix("./"), {})["sha256"] = words[0]
+    return found
+
+
+def wheels_to_push(wheels: Any, listing: Any) -> list[dict[str, Any]]:
+    """The chosen wheels (select_wheels' `wheels`) the host lacks: missing from its wheelhouse,
+    or there with another hash, or not root's 0644 file."""
+    found = _host_wheels(listing)
+    want = {"mode": "644", "owner": "root:root"}
+    return [
+        wheel
+        for wheel in wheels or []
+        if found.get(wheel["file"]) != {**want, "sha256": wheel["sha256"]}
+    ]
+
+
+def stale_wheels(wheels: Any, listing: Any) -> list[str]:
+    """Names of the wheels in the host's wheelhouse that are not among the chosen ones."""
+    chosen = {wheel["file"] for wheel in wheels or []}
+    return sorted(name for name in _host_wheels(listing) if name not in chosen)
+
+
+def checksum_mismatches(wheels: Any, digests: Any) -> list[str]:
+    """The chosen wheels (select_wheels' `wheels`) whose file on the controller is missing ("")
+    or has another digest than the manifest's; `digests` in the same order (the lookup
+    handyproxy.fleet.file_sha256 of their paths)."""
+    digests = list(digests or [])
+    return [
+        str(wheel["file"])
+        for index, wheel in enumerate(wheels or [])
+        if index >= len(digests) or digests[index] != wheel["sha256"]
+    ]
 
 
 def upstream_ips(instances: Any, family: str) -> list[str]:
@@ -575,4 +606,6 @@ class FilterModule:
             "iptables_interface": iptables_interface,
             "select_wheels": select_wheels,
             "checksum_mismatches": checksum_mismatches,
+            "wheels_to_push": wheels_to_push,
+            "stale_wheels": stale_wheels,
         }

@@ -1,9 +1,11 @@
-"""Scenario `lifecycle`: inventory changes, restarts and removal on one host, in order.
+"""Scenario `lifecycle`: inventory changes, restarts and removal on a fleet of two, in order.
 
-molecule has converged the inventory in molecule.yml (four instances).
-The tests below run in file order and each builds on the state the previous one left: they drive
-ansible-playbook against molecule's own inventory with the changed inventory (vars/changed.yml),
-restart nftables.service and the container, and finally remove the role (vars/absent.yml).
+molecule has converged the inventory in molecule.yml (four instances) on a Debian 12 and a Debian
+13 host. The tests below run in file order and each builds on the state the previous one left:
+they drive ansible-playbook against molecule's own inventory with the changed inventory
+(vars/changed.yml), restart nftables.service and the containers, and finally remove the role
+(vars/absent.yml). Every playbook run changes both hosts together, as one batch, and every check
+holds on each host.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from typing import Any
 import helpers
 import pytest
 import yaml
+from testinfra.host import Host
 
-testinfra_hosts = helpers.hosts_in("handyproxy")
-# Every test takes the `host` fixture, even when it does not use it: pytest groups the tests of
-# a parametrized fixture together, and a test without it would be moved after all the others.
-HOST_NAME = testinfra_hosts[0]
+# Not testinfra_hosts: the tests take the whole fleet (the `fleet` fixture), so that each step
+# runs once, against both hosts, in file order.
+FLEET: list[str] = helpers.hosts_in("handyproxy")
 
 SCENARIO = Path(__file__).resolve().parent.parent
 PLAYBOOK = SCENARIO.parent / "shared" / "converge.yml"
-BEFORE: list[dict[str, Any]] = helpers.host_vars(HOST_NAME)["handyproxy_instances"]
+BEFORE: list[dict[str, Any]] = helpers.host_vars(FLEET[0])["handyproxy_instances"]
 AFTER: list[dict[str, Any]] = yaml.safe_load((SCENARIO / "vars" / "changed.yml").read_text())[
     "handyproxy_instances"
 ]
@@ -43,35 +45,56 @@ DOWNLOADS = REPO / "tests" / "kit" / "downloads.py"
 ORIGIN = LAB["origin4"]
 ALPHA = f"{LAB['proxy_front4']}:3128"
 BETA = f"{LAB['proxy_front4']}:8888"
-HELD = 100
+# Downloads held open per host: the two hosts share one tinyproxy.
+HELD = 50
 WORK = "/var/tmp/load"  # not /tmp: a tmpfs there, where docker cp cannot write
-# A tunnel every 10 ms through "switch" (captures this host's port 80), each curl in the
+# A tunnel every 20 ms per host through "switch" (captures the host's port 80), each curl in the
 # background so a slow one does not slow the pace; one "HTTP-CODE CURL-EXIT" line each.
 TICKER = (
     f"while [ ! -e {WORK}/stop ]; do"
     f" curl -s -o /dev/null --max-time 20 -w '%{{http_code}} %{{exitcode}}\\n'"
-    f" http://{ORIGIN}/whoami >> {WORK}/tick & sleep 0.01; done; wait; touch {WORK}/ticked"
+    f" http://{ORIGIN}/whoami >> {WORK}/tick & sleep 0.02; done; wait; touch {WORK}/ticked"
 )
+CHANGED = f"@{SCENARIO / 'vars' / 'changed.yml'}"
 
-# Main PIDs and start times recorded before the change: a reload keeps both.
-PIDS: dict[str, str] = {}
-STARTED: dict[str, str] = {}
+# Main PIDs and start times recorded before the change, by (host, instance): a reload keeps both.
+PIDS: dict[tuple[str, str], str] = {}
+STARTED: dict[tuple[str, str], str] = {}
 
 
-def playbook(*args: str) -> tuple[int, int, str]:
-    """Run the scenario's converge playbook with extra arguments: (rc, changed count, output)."""
+@pytest.fixture(scope="module")
+def fleet() -> dict[str, Host]:
+    """The role's hosts by inventory name, one per supported Debian suite."""
+    return {name: helpers.get_host(name) for name in FLEET}
+
+
+def playbook(*args: str) -> tuple[int, dict[str, int], str]:
+    """Run the scenario's converge playbook on the whole fleet in one batch, with extra
+    arguments: (rc, changed count by host, output)."""
     command = [
         "ansible-playbook",
         "-i",
         os.environ["MOLECULE_INVENTORY_FILE"],
         str(PLAYBOOK),
+        "-e",
+        "handyproxy_rollout_serial=100%",
         *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     output = result.stdout + result.stderr
-    recap = re.search(rf"^{re.escape(HOST_NAME)}\s*:.*?changed=(\d+)", output, re.MULTILINE)
-    assert recap, f"no recap for {HOST_NAME} in:\n{output[-4000:]}"
-    return result.returncode, int(recap.group(1)), output
+    changed = {}
+    for name in FLEET:
+        recap = re.search(rf"^{re.escape(name)}\s*:.*?changed=(\d+)", output, re.MULTILINE)
+        assert recap, f"no recap for {name} in:\n{output[-4000:]}"
+        changed[name] = int(recap.group(1))
+    return result.returncode, changed, output
+
+
+def pids(fleet: dict[str, Host], instances: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """Main PIDs by (host, instance)."""
+    return {
+        (h, i["name"]): main_pid(host, i["name"]) for h, host in fleet.items() for i in instances
+    }
 
 
 def main_pid(host, name: str) -> str:
@@ -113,15 +136,15 @@ def assert_serving(host, instances: list[dict[str, Any]]) -> None:
 
 
 class Load:
-    """On the host, through "switch": 100 downloads of the origin's blob held open mid-body
+    """On one host, through "switch": downloads of the origin's blob held open mid-body
     (tests/kit/downloads.py) and the ticker, started before the playbook runs; ``finish``
     lets the downloads run to their end and stops the ticker."""
 
-    def __init__(self, host) -> None:
+    def __init__(self, name: str, host: Host) -> None:
         self.host = host
         host.check_output(f"rm -rf {WORK} && mkdir -p {WORK}")
         subprocess.run(
-            ["docker", "cp", str(DOWNLOADS), f"{HOST_NAME}:{WORK}/downloads.py"],
+            ["docker", "cp", str(DOWNLOADS), f"{name}:{WORK}/downloads.py"],
             check=True,
             timeout=60,
         )
@@ -131,7 +154,7 @@ class Load:
         )
         assert helpers.wait_until(lambda: '"ready"' in self.out(), timeout=60), self.out()
         host.check_output(f"setsid bash -c {shlex.quote(TICKER)} > /dev/null 2>&1 < /dev/null &")
-        assert helpers.wait_until(lambda: len(self.ticks()) >= 20, timeout=30)
+        assert helpers.wait_until(lambda: len(self.ticks()) >= 10, timeout=30)
 
     def out(self) -> str:
         return self.host.run(f"cat {WORK}/downloads.out").stdout
@@ -148,31 +171,54 @@ class Load:
         return lines, self.ticks()
 
 
-def assert_nothing_lost(downloads: list[dict[str, Any]], ticks: list[str]) -> None:
+Outcome = tuple[list[dict[str, Any]], list[str]]
+
+
+def loaded(fleet: dict[str, Host]) -> dict[str, Load]:
+    """The load started on every host of the fleet."""
+    return {name: Load(name, host) for name, host in fleet.items()}
+
+
+def finished(loads: dict[str, Load]) -> dict[str, Outcome]:
+    """Each host's downloads and ticks, once all have run to their end."""
+    return {name: load.finish() for name, load in loads.items()}
+
+
+def assert_nothing_lost(outcomes: dict[str, Outcome]) -> None:
+    """Every held download of every host whole, every ticker tunnel answered."""
     origin = helpers.host_in("origin")
     sha = origin.check_output("sha256sum /srv/origin/blob.bin").split()[0]
     size = int(origin.check_output("stat -c %s /srv/origin/blob.bin"))
-    assert len(downloads) == HELD
-    broken = [d for d in downloads if (d["end"], d["size"], d["sha256"]) != ("eof", size, sha)]
-    assert broken == [], broken[:5]  # 0 truncated
-    failed = [t for t in ticks if t != "200 0"]
-    assert failed == [], f"{len(failed)} of {len(ticks)} tunnels failed: {failed[:10]}"
-    assert len(ticks) >= 50
+    for name, (downloads, ticks) in outcomes.items():
+        assert len(downloads) == HELD, name
+        broken = [d for d in downloads if (d["end"], d["size"], d["sha256"]) != ("eof", size, sha)]
+        assert broken == [], (name, broken[:5])  # 0 truncated
+        failed = [t for t in ticks if t != "200 0"]
+        assert failed == [], f"{name}: {len(failed)} of {len(ticks)} tunnels failed: {failed[:10]}"
+        assert len(ticks) >= 25, name
 
 
-def test_first_inventory_is_served(host):
-    assert_serving(host, BEFORE)
-    for instance in BEFORE:
-        PIDS[instance["name"]] = main_pid(host, instance["name"])
-        STARTED[instance["name"]] = start_stamp(host, instance["name"])
-    creds = host.file("/etc/handyproxy/credentials/drop/upstream-credentials")
-    assert (creds.user, creds.mode) == ("root", 0o600)
+def assert_unchanged(fleet: dict[str, Host]) -> None:
+    """The first inventory still served, by the very processes recorded at the start."""
+    for host in fleet.values():
+        assert_serving(host, BEFORE)
+    assert pids(fleet, BEFORE) == PIDS
 
 
-def wheelhouse_copy(tmp_path: Path, keep: Callable[[str], bool], corrupt: str = "") -> Path:
-    """A copy of the scenario's wheelhouse with only the wheels `keep` accepts, and the hash
-    of the wheel named `corrupt` changed in SHA256SUMS."""
-    source = Path(helpers.host_vars(HOST_NAME)["handyproxy_wheelhouse_dir"])
+def test_first_inventory_is_served(fleet):
+    for name, host in fleet.items():
+        assert_serving(host, BEFORE)
+        for instance in BEFORE:
+            STARTED[name, instance["name"]] = start_stamp(host, instance["name"])
+        creds = host.file("/etc/handyproxy/credentials/drop/upstream-credentials")
+        assert (creds.user, creds.mode) == ("root", 0o600), name
+    PIDS.update(pids(fleet, BEFORE))
+
+
+def wheelhouse_copy(tmp_path: Path, keep: Callable[[str], bool], corrupt: set[str]) -> Path:
+    """A copy of the scenario's wheelhouse with only the wheels `keep` accepts, and the hashes
+    of the wheels named in `corrupt` changed in SHA256SUMS."""
+    source = wheelhouse()
     target = tmp_path / "wheelhouse"
     target.mkdir()
     lines = []
@@ -181,112 +227,138 @@ def wheelhouse_copy(tmp_path: Path, keep: Callable[[str], bool], corrupt: str = 
         if not keep(name):
             continue
         shutil.copy(source / name, target / name)
-        if name == corrupt:
+        if name in corrupt:
             digest = "0" * 64
         lines.append(f"{digest}  {name}")
     (target / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     return target
 
 
-def host_python(host) -> str:
+def wheelhouse() -> Path:
+    return Path(helpers.host_vars(FLEET[0])["handyproxy_wheelhouse_dir"])
+
+
+def host_python(host: Host) -> str:
     return host.check_output(
         "/usr/bin/python3 -c %s", "import sys; print('%d.%d' % sys.version_info[:2])"
     )
 
 
+def cp_tag(host: Host) -> str:
+    return "cp" + host_python(host).replace(".", "")
+
+
+def uvloop_wheel(host: Host) -> str:
+    """The uvloop wheel of the wheelhouse that fits the host's Python and architecture."""
+    cp, arch = cp_tag(host), host.check_output("uname -m")
+    (name,) = [
+        name
+        for name in (wheelhouse() / "SHA256SUMS").read_text().split()
+        if name.startswith("uvloop-") and f"-{cp}-" in name and name.endswith(f"_{arch}.whl")
+    ]
+    return name
+
+
 @pytest.mark.parametrize("case", ["skip_user", "platform", "no_wheel", "bad_hash"])
-def test_preflight_refuses_before_anything_changes(host, tmp_path, case):
-    """Each refusal names the host and what is wrong, and the host is left exactly as it was."""
-    python = host_python(host)
-    arch = host.check_output("uname -m")
-    cp = "cp" + python.replace(".", "")
+def test_preflight_refuses_before_anything_changes(fleet, tmp_path, case):
+    """Each refusal names each host and what is wrong there, and the fleet is left exactly as
+    it was."""
+    want: dict[str, str] = {}  # host: the message it must get, as a regular expression
     if case == "skip_user":
-        extra = {"handyproxy_output_skip_users": ["cntlm", "nosuchuser"]}
-        want = f"host {HOST_NAME}: handyproxy_output_skip_users: no user cntlm, nosuchuser"
+        extra: dict[str, Any] = {"handyproxy_output_skip_users": ["cntlm", "nosuchuser"]}
+        for name in fleet:
+            want[name] = f"host {name}: handyproxy_output_skip_users: no user cntlm, nosuchuser"
     elif case == "platform":
-        # The host's real release, refused by a role that pretends to support another one.
+        # The hosts' real releases, refused by a role that pretends to support another one.
         extra = {"_handyproxy_supported_platforms": {"Debian": ["11"]}}
-        release = host.check_output(". /etc/os-release && echo $VERSION_CODENAME")
-        want = f"({release}) with service manager systemd is not supported"
+        for name, host in fleet.items():
+            release = host.check_output(". /etc/os-release && echo $VERSION_CODENAME")
+            want[name] = (
+                f"host {re.escape(name)}: Debian \\S+ \\({release}\\)"
+                " with service manager systemd is not supported"
+            )
     elif case == "no_wheel":
-        wheelhouse = wheelhouse_copy(tmp_path, lambda name: f"-{cp}-" not in name)
-        extra = {"handyproxy_wheelhouse_dir": str(wheelhouse)}
-        want = (
-            f"host {HOST_NAME}: no wheel in {wheelhouse} fits its Python {python}"
-            f" (/usr/bin/python3) on {arch} for uvloop"
-        )
+        cps = {cp_tag(host) for host in fleet.values()}
+        copy = wheelhouse_copy(tmp_path, lambda f: not any(f"-{cp}-" in f for cp in cps), set())
+        extra = {"handyproxy_wheelhouse_dir": str(copy)}
+        for name, host in fleet.items():
+            want[name] = re.escape(
+                f"host {name}: no wheel in {copy} fits its Python {host_python(host)}"
+                f" (/usr/bin/python3) on {host.check_output('uname -m')} for uvloop"
+            )
     else:
-        source = Path(helpers.host_vars(HOST_NAME)["handyproxy_wheelhouse_dir"])
-        (uvloop,) = [
-            name
-            for name in (source / "SHA256SUMS").read_text().split()
-            if name.startswith("uvloop-") and f"-{cp}-" in name and name.endswith(f"_{arch}.whl")
-        ]
-        wheelhouse = wheelhouse_copy(tmp_path, lambda name: True, corrupt=uvloop)
-        extra = {"handyproxy_wheelhouse_dir": str(wheelhouse)}
-        want = f"{uvloop} missing or not matching SHA256SUMS"
+        corrupt = {name: uvloop_wheel(host) for name, host in fleet.items()}
+        copy = wheelhouse_copy(tmp_path, lambda f: True, set(corrupt.values()))
+        extra = {"handyproxy_wheelhouse_dir": str(copy)}
+        for name, wheel in corrupt.items():
+            want[name] = re.escape(
+                f"host {name}: {copy}: {wheel} missing or not matching SHA256SUMS"
+            )
     rc, changed, output = playbook("-e", json.dumps(extra))
     assert rc != 0, output[-4000:]
-    assert want in " ".join(output.split()), output[-4000:]
-    assert changed == 0
-    assert_serving(host, BEFORE)
-    assert {i["name"]: main_pid(host, i["name"]) for i in BEFORE} == PIDS
+    flat = " ".join(output.split())
+    for name, message in want.items():
+        assert re.search(message, flat), (name, message, output[-4000:])
+    assert changed == dict.fromkeys(FLEET, 0)
+    assert_unchanged(fleet)
 
 
-def test_check_mode_reports_the_change_and_changes_nothing(host):
-    rc, changed, output = playbook("--check", "-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+def test_check_mode_reports_the_change_and_changes_nothing(fleet):
+    rc, changed, output = playbook("--check", "-e", CHANGED)
     assert rc == 0, output[-4000:]
-    assert changed > 0, "check mode saw nothing to change"
-    assert_serving(host, BEFORE)
-    assert {i["name"]: main_pid(host, i["name"]) for i in BEFORE} == PIDS
+    assert all(changed.values()), f"check mode saw nothing to change: {changed}"
+    assert_unchanged(fleet)
 
 
-def test_changed_inventory_converges_under_load_refusing_and_truncating_nothing(host):
-    load = Load(host)
-    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
-    downloads, ticks = load.finish()
+def test_changed_inventory_converges_under_load_refusing_and_truncating_nothing(fleet):
+    loads = loaded(fleet)
+    rc, changed, output = playbook("-e", CHANGED)
+    outcomes = finished(loads)
     assert rc == 0, output[-4000:]
-    assert changed > 0
-    assert_nothing_lost(downloads, ticks)
-    records = host.check_output("journalctl --no-pager -o cat -u handyproxy@switch.service")
-    assert f"upstream={BETA} " in records  # new tunnels took the new upstream
-    assert f"upstream={ALPHA} " in records  # the held downloads kept theirs
+    assert all(changed.values()), changed
+    assert_nothing_lost(outcomes)
+    for name, host in fleet.items():
+        records = host.check_output("journalctl --no-pager -o cat -u handyproxy@switch.service")
+        assert f"upstream={BETA} " in records, name  # new tunnels took the new upstream
+        assert f"upstream={ALPHA} " in records, name  # the held downloads kept theirs
     assert "s3cret" not in output
 
 
-def test_changed_inventory_converges_again_without_changes(host):
-    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+def test_changed_inventory_converges_again_without_changes(fleet):
+    rc, changed, output = playbook("-e", CHANGED)
     assert rc == 0, output[-4000:]
-    assert changed == 0, output[-6000:]
+    assert changed == dict.fromkeys(FLEET, 0), output[-6000:]
 
 
-def test_nothing_of_the_old_inventory_is_left(host):
-    assert_serving(host, AFTER)
-    assert not host.file("/etc/handyproxy/drop.toml").exists
-    assert host.run("systemctl is-active handyproxy@drop.service").stdout.strip() != "active"
-    switch = host.file("/etc/handyproxy/switch.toml").content_string
-    assert f'upstream-proxy = "{BETA}"' in switch
-    move = host.file("/etc/handyproxy/move.toml").content_string
-    assert "local-port = 18013" in move
-    # drop's credentials and drop-in went with it.
-    assert not host.file("/etc/handyproxy/credentials/drop").exists
-    assert not host.file("/etc/systemd/system/handyproxy@drop.service.d").exists
+def test_nothing_of_the_old_inventory_is_left(fleet):
+    for name, host in fleet.items():
+        assert_serving(host, AFTER)
+        assert not host.file("/etc/handyproxy/drop.toml").exists, name
+        assert host.run("systemctl is-active handyproxy@drop.service").stdout.strip() != "active"
+        switch = host.file("/etc/handyproxy/switch.toml").content_string
+        assert f'upstream-proxy = "{BETA}"' in switch, name
+        move = host.file("/etc/handyproxy/move.toml").content_string
+        assert "local-port = 18013" in move, name
+        # drop's credentials and drop-in went with it.
+        assert not host.file("/etc/handyproxy/credentials/drop").exists, name
+        assert not host.file("/etc/systemd/system/handyproxy@drop.service.d").exists, name
 
 
-def test_changed_instances_were_reloaded_not_restarted(host):
+def test_changed_instances_were_reloaded_not_restarted(fleet):
     """A new upstream is a reload in place; a new port goes through the upgrade path (the master
     re-executes itself and binds the new port before letting go of the old one). Neither is a
     restart: the main process and its start time stay."""
-    for name in ("keep", "switch", "move"):
-        assert main_pid(host, name) == PIDS[name], name
-        assert start_stamp(host, name) == STARTED[name], name
     journal = "journalctl --no-pager -o cat -u handyproxy@%s.service"
-    assert "reload done" in host.check_output(journal, "switch")
-    assert "upgrade done" in host.check_output(journal, "move")
-    assert "reload done" not in host.check_output(journal, "keep")
+    for host_name, host in fleet.items():
+        for name in ("keep", "switch", "move"):
+            assert main_pid(host, name) == PIDS[host_name, name], (host_name, name)
+            assert start_stamp(host, name) == STARTED[host_name, name], (host_name, name)
+        assert "reload done" in host.check_output(journal, "switch"), host_name
+        assert "upgrade done" in host.check_output(journal, "move"), host_name
+        assert "reload done" not in host.check_output(journal, "keep"), host_name
 
 
-def test_a_wheel_upgrade_under_load_refuses_truncates_and_restarts_nothing(host, tmp_path):
+def test_a_wheel_upgrade_under_load_refuses_truncates_and_restarts_nothing(fleet, tmp_path):
     """A rebuilt wheel with a bumped version: the role reloads, each master re-executes itself
     on the new code (same PID, same start time), the held downloads finish on the old workers."""
     version = re.search(r'__version__ = "([^"]+)"', (REPO / "handyproxy/__init__.py").read_text())
@@ -300,44 +372,40 @@ def test_a_wheel_upgrade_under_load_refuses_truncates_and_restarts_nothing(host,
         shutil.copy(REPO / name, src / name)
     init = src / "handyproxy" / "__init__.py"
     init.write_text(init.read_text().replace(version.group(1), bumped))
-    wheelhouse = tmp_path / "wheelhouse"
+    upgrade = tmp_path / "wheelhouse"
     subprocess.run(
         ["bash", str(src / "scripts" / "build-wheelhouse.sh")],
-        # The host's Python and architecture only: the fleet's other wheels are not needed here.
+        # The fleet's Pythons and architectures only: no other wheel is needed here.
         env={
             **os.environ,
-            "WHEELHOUSE_DIR": str(wheelhouse),
-            "TARGET_PYTHON_VERSIONS": host_python(host),
-            "TARGET_ARCHES": host.check_output("uname -m"),
+            "WHEELHOUSE_DIR": str(upgrade),
+            "TARGET_PYTHON_VERSIONS": " ".join(sorted({host_python(h) for h in fleet.values()})),
+            "TARGET_ARCHES": " ".join(sorted({h.check_output("uname -m") for h in fleet.values()})),
         },
         check=True,
         capture_output=True,
         timeout=300,
     )
-    pids = {i["name"]: main_pid(host, i["name"]) for i in AFTER}
-    load = Load(host)
-    rc, changed, output = playbook(
-        "-e",
-        f"@{SCENARIO / 'vars' / 'changed.yml'}",
-        "-e",
-        f"handyproxy_wheelhouse_dir={wheelhouse}",
-    )
-    downloads, ticks = load.finish()
+    before = pids(fleet, AFTER)
+    loads = loaded(fleet)
+    rc, changed, output = playbook("-e", CHANGED, "-e", f"handyproxy_wheelhouse_dir={upgrade}")
+    outcomes = finished(loads)
     assert rc == 0, output[-4000:]
-    assert changed > 0
-    assert_nothing_lost(downloads, ticks)
-    for instance in AFTER:
-        name = instance["name"]
-        assert main_pid(host, name) == pids[name], name
-        assert start_stamp(host, name) == STARTED[name], name
-        status = host.check_output(
-            "/opt/handyproxy/venv/bin/handyproxy -status -control-socket %s",
-            f"/run/handyproxy/{name}/control",
-        )
-        assert status.startswith(f"handyproxy: ok handyproxy {bumped}:"), status
+    assert all(changed.values()), changed
+    assert_nothing_lost(outcomes)
+    assert pids(fleet, AFTER) == before
+    for host_name, host in fleet.items():
+        for instance in AFTER:
+            name = instance["name"]
+            assert start_stamp(host, name) == STARTED[host_name, name], (host_name, name)
+            status = host.check_output(
+                "/opt/handyproxy/venv/bin/handyproxy -status -control-socket %s",
+                f"/run/handyproxy/{name}/control",
+            )
+            assert status.startswith(f"handyproxy: ok handyproxy {bumped}:"), (host_name, status)
 
 
-def role_chains(host, tool: str) -> dict[str, list[str]]:
+def role_chains(host: Host, tool: str) -> dict[str, list[str]]:
     """The role's own iptables chains (HANDYPROXY_*) and their rules; Docker's are ignored."""
     chains: dict[str, list[str]] = {}
     for line in host.check_output("%s -w -t nat -S", tool).splitlines():
@@ -349,7 +417,7 @@ def role_chains(host, tool: str) -> dict[str, list[str]]:
     return chains
 
 
-def jumps_to_role_chains(host, tool: str) -> list[str]:
+def jumps_to_role_chains(host: Host, tool: str) -> list[str]:
     return [
         line
         for line in host.check_output("%s -w -t nat -S", tool).splitlines()
@@ -357,93 +425,107 @@ def jumps_to_role_chains(host, tool: str) -> list[str]:
     ]
 
 
-def test_switch_to_iptables_replaces_the_table_with_the_roles_chains(host):
-    changed_vars = f"@{SCENARIO / 'vars' / 'changed.yml'}"
-    rc, changed, output = playbook("-e", changed_vars, "-e", "handyproxy_firewall_backend=iptables")
+def test_switch_to_iptables_replaces_the_table_with_the_roles_chains(fleet):
+    rc, changed, output = playbook("-e", CHANGED, "-e", "handyproxy_firewall_backend=iptables")
     assert rc == 0, output[-4000:]
-    assert changed > 0
-    assert helpers.nft_table(host) is None, "the nftables table outlived the switch"
-    chains = role_chains(host, "iptables")
-    assert set(chains) == {"HANDYPROXY_PREROUTING", "HANDYPROXY_OUTPUT"}
-    redirects = [r for rules in chains.values() for r in rules if "REDIRECT" in r]
-    ports = sorted(int(r.split("--to-ports ")[1]) for r in redirects)
-    assert ports == sorted(
-        i["local_port"] for i in AFTER for c in i["capture"] if c["family"] in ("ipv4", "both")
-    )
-    assert sorted(jumps_to_role_chains(host, "iptables")) == [
-        "-A OUTPUT -j HANDYPROXY_OUTPUT",
-        "-A PREROUTING -j HANDYPROXY_PREROUTING",
-    ]
-    # keep captures both families: its IPv6 rule, the only one, is in ip6tables.
-    v6 = role_chains(host, "ip6tables")
-    (redirect,) = [r for rules in v6.values() for r in rules if "REDIRECT" in r]
-    assert "--comment keep" in redirect and "--to-ports 18001" in redirect
+    assert all(changed.values()), changed
+    for name, host in fleet.items():
+        assert helpers.nft_table(host) is None, f"{name}: the nftables table outlived the switch"
+        chains = role_chains(host, "iptables")
+        assert set(chains) == {"HANDYPROXY_PREROUTING", "HANDYPROXY_OUTPUT"}, name
+        redirects = [r for rules in chains.values() for r in rules if "REDIRECT" in r]
+        ports = sorted(int(r.split("--to-ports ")[1]) for r in redirects)
+        assert ports == sorted(
+            i["local_port"] for i in AFTER for c in i["capture"] if c["family"] in ("ipv4", "both")
+        ), name
+        assert sorted(jumps_to_role_chains(host, "iptables")) == [
+            "-A OUTPUT -j HANDYPROXY_OUTPUT",
+            "-A PREROUTING -j HANDYPROXY_PREROUTING",
+        ], name
+        # keep captures both families: its IPv6 rule, the only one, is in ip6tables.
+        v6 = role_chains(host, "ip6tables")
+        (redirect,) = [r for rules in v6.values() for r in rules if "REDIRECT" in r]
+        assert "--comment keep" in redirect and "--to-ports 18001" in redirect, name
 
 
-def test_switch_back_to_nftables_leaves_no_role_chain(host):
-    rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'changed.yml'}")
+def test_switch_back_to_nftables_leaves_no_role_chain(fleet):
+    rc, changed, output = playbook("-e", CHANGED)
     assert rc == 0, output[-4000:]
-    assert changed > 0
-    for tool in ("iptables", "ip6tables"):
-        assert role_chains(host, tool) == {}, tool
-        assert jumps_to_role_chains(host, tool) == [], tool
-    assert not host.file("/etc/systemd/system/handyproxy-iptables.service").exists
-    assert_serving(host, AFTER)
+    assert all(changed.values()), changed
+    for name, host in fleet.items():
+        for tool in ("iptables", "ip6tables"):
+            assert role_chains(host, tool) == {}, (name, tool)
+            assert jumps_to_role_chains(host, tool) == [], (name, tool)
+        assert not host.file("/etc/systemd/system/handyproxy-iptables.service").exists, name
+        assert_serving(host, AFTER)
 
 
-def test_rules_come_back_after_nftables_restart(host):
-    host.check_output("systemctl restart nftables.service")
-    # nftables.service flushes the whole ruleset; handyproxy-nftables.service reloads ours.
-    assert helpers.wait_until(lambda: helpers.nft_table(host) is not None, timeout=20)
-    assert_serving(host, AFTER)
+def test_rules_come_back_after_nftables_restart(fleet):
+    for host in fleet.values():
+        host.check_output("systemctl restart nftables.service")
+    for host in fleet.values():
+        # nftables.service flushes the whole ruleset; handyproxy-nftables.service reloads ours.
+        assert helpers.wait_until(lambda h=host: helpers.nft_table(h) is not None, timeout=20)
+        assert_serving(host, AFTER)
 
 
 @pytest.fixture()
-def restarted(host):
-    subprocess.run(["docker", "restart", "-t", "30", HOST_NAME], check=True, timeout=120)
+def restarted(fleet: dict[str, Host]) -> dict[str, Host]:
+    subprocess.run(["docker", "restart", "-t", "30", *fleet], check=True, timeout=180)
 
-    def booted() -> bool:
+    def booted(host: Host) -> bool:
         # Right after the restart systemd may not answer on its bus yet: poll.
         state = host.run("systemctl is-system-running").stdout.strip()
         return state in ("running", "degraded")
 
-    assert helpers.wait_until(booted, timeout=90), host.run("systemctl --failed").stdout
-    return host
+    for name, host in fleet.items():
+        assert helpers.wait_until(lambda h=host: booted(h), timeout=90), (
+            name,
+            host.run("systemctl --failed").stdout,
+        )
+    return fleet
 
 
 def test_rules_and_services_come_back_after_a_container_restart(restarted):
-    host = restarted
-    assert helpers.wait_until(lambda: helpers.nft_table(host) is not None, timeout=30)
-    assert helpers.wait_until(lambda: len(listening_ports(host)) == len(AFTER), timeout=30)
-    assert_serving(host, AFTER)
+    for host in restarted.values():
+        assert helpers.wait_until(lambda h=host: helpers.nft_table(h) is not None, timeout=30)
+        listening = lambda h=host: len(listening_ports(h)) == len(AFTER)  # noqa: E731
+        assert helpers.wait_until(listening, timeout=30)
+        assert_serving(host, AFTER)
 
 
-def test_absent_removes_everything_and_leaves_other_rules_alone(host):
-    host.check_output("nft %s", BYSTANDER)
-    before = host.check_output("nft list table inet bystander")
+def test_absent_removes_everything_and_leaves_other_rules_alone(fleet):
+    before = {}
+    for name, host in fleet.items():
+        host.check_output("nft %s", BYSTANDER)
+        before[name] = host.check_output("nft list table inet bystander")
     rc, changed, output = playbook("-e", f"@{SCENARIO / 'vars' / 'absent.yml'}")
     assert rc == 0, output[-4000:]
-    assert changed > 0
+    assert all(changed.values()), changed
     # Not even "loop variable 'item' is already in use".
     assert "[WARNING]" not in output, output[-6000:]
-    assert helpers.nft_table(host) is None, "table inet handyproxy is still there"
-    assert host.check_output("nft list table inet bystander") == before
-    # Both exit 1 when nothing matches, which is the point.
-    assert host.run("systemctl list-unit-files --no-legend 'handyproxy*'").stdout.strip() == ""
-    assert host.run("systemctl list-units --all --no-legend 'handyproxy*'").stdout.strip() == ""
-    for path in (
-        "/etc/handyproxy",
-        "/opt/handyproxy",
-        "/etc/systemd/system/handyproxy@.service",
-        "/etc/systemd/system/handyproxy-nftables.service",
-    ):
-        assert not host.file(path).exists, path
-    # The image's own journald drop-in (scripts/build-image.sh) is not the role's.
-    leftovers = host.check_output(
-        "find /etc /run/systemd/system /usr/local /var/lib/systemd -name '*handyproxy*'"
-        " ! -name handyproxy-molecule.conf"
-    )
-    assert leftovers == ""
-    assert not host.user("handyproxy").exists
-    assert not host.group("handyproxy").exists
-    assert host.check_output("ss -Hltn | grep -c ':1800[0-9]\\|:18013' || true") == "0"
+    for name, host in fleet.items():
+        assert helpers.nft_table(host) is None, f"{name}: table inet handyproxy is still there"
+        assert host.check_output("nft list table inet bystander") == before[name], name
+        # Both exit 1 when nothing matches, which is the point.
+        units = "systemctl list-unit-files --no-legend 'handyproxy*'"
+        assert host.run(units).stdout.strip() == "", name
+        loaded_units = "systemctl list-units --all --no-legend 'handyproxy*'"
+        assert host.run(loaded_units).stdout.strip() == "", name
+        for path in (
+            "/etc/handyproxy",
+            "/opt/handyproxy",
+            "/etc/systemd/system/handyproxy@.service",
+            "/etc/systemd/system/handyproxy-nftables.service",
+        ):
+            assert not host.file(path).exists, (name, path)
+        # The image's own journald drop-in (scripts/build-image.sh) is not the role's.
+        leftovers = host.check_output(
+            "find /etc /run/systemd/system /usr/local /var/lib/systemd -name '*handyproxy*'"
+            " ! -name handyproxy-molecule.conf"
+        )
+        assert leftovers == "", name
+        assert not host.user("handyproxy").exists, name
+        assert not host.group("handyproxy").exists, name
+        listening = "ss -Hltn | grep -c ':1800[0-9]\\|:18013' || true"
+        assert host.check_output(listening) == "0", name

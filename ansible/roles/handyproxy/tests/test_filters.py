@@ -322,18 +322,42 @@ def test_abi3_wheels_fit_later_pythons_only():
 
 
 def test_checksum_mismatches_name_missing_and_different_wheels():
-    results = [
-        {
-            "item": {"file": "a.whl", "sha256": "1" * 64},
-            "stat": {"exists": True, "checksum": "1" * 64},
-        },
-        {
-            "item": {"file": "b.whl", "sha256": "1" * 64},
-            "stat": {"exists": True, "checksum": "2" * 64},
-        },
-        {"item": {"file": "c.whl", "sha256": "1" * 64}, "stat": {"exists": False}},
+    wheels = [{"file": name, "sha256": "1" * 64} for name in ("a.whl", "b.whl", "c.whl")]
+    assert f.checksum_mismatches(wheels, ["1" * 64, "2" * 64, ""]) == ["b.whl", "c.whl"]
+    assert f.checksum_mismatches(wheels, ["1" * 64]) == ["b.whl", "c.whl"]
+
+
+HOST_LISTING = """\
+file a.whl 644 root:root
+file b.whl 644 root:root
+file c.whl 600 root:root
+file old.whl 644 root:root
+{a}  ./a.whl
+{other}  ./b.whl
+{c}  ./c.whl
+{a}  ./old.whl
+""".format(a="a" * 64, other="f" * 64, c="c" * 64)
+
+
+def test_wheels_to_push_are_those_missing_different_or_not_roots_0644():
+    wheels = [
+        {"file": "a.whl", "sha256": "a" * 64},  # in place
+        {"file": "b.whl", "sha256": "b" * 64},  # another hash on the host
+        {"file": "c.whl", "sha256": "c" * 64},  # mode 0600
+        {"file": "d.whl", "sha256": "d" * 64},  # missing
     ]
-    assert f.checksum_mismatches(results) == ["b.whl", "c.whl"]
+    assert [w["file"] for w in f.wheels_to_push(wheels, HOST_LISTING)] == [
+        "b.whl",
+        "c.whl",
+        "d.whl",
+    ]
+    assert f.wheels_to_push(wheels, "") == wheels  # no wheelhouse on the host yet
+
+
+def test_stale_wheels_are_the_hosts_wheels_not_chosen():
+    wheels = [{"file": "a.whl", "sha256": "a" * 64}]
+    assert f.stale_wheels(wheels, HOST_LISTING) == ["b.whl", "c.whl", "old.whl"]
+    assert f.stale_wheels(wheels, "") == []
 
 
 def test_the_example_inventory_passes_the_preflight():
