@@ -9,9 +9,11 @@ A tunnel calls ``UpstreamSet.open(host, port, group)`` and gets an ``Opened`` (t
 the origin bytes that came with the reply) or a ``ConnectError(reason, status)``.
 """
 
-from handyproxy.connect import ConnectError
-from handyproxy.upstream.health import Upstream
-from handyproxy.upstream.pool import Opened, UpstreamSet
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from handyproxy.upstream.spec import (
     DEFAULT_GROUP,
     DEFAULT_PORT,
@@ -20,6 +22,27 @@ from handyproxy.upstream.spec import (
     SpecError,
     UpstreamSpec,
 )
+
+if TYPE_CHECKING:
+    from handyproxy.connect import ConnectError
+    from handyproxy.upstream.health import Upstream
+    from handyproxy.upstream.pool import Opened, UpstreamSet
+
+# The run-time half (asyncio, the dialer) is imported on first use: the configuration parser and
+# the role's filters, which run in a new Ansible worker for every task, need only `spec`.
+_LAZY = {
+    "ConnectError": "handyproxy.connect",
+    "Upstream": "handyproxy.upstream.health",
+    "Opened": "handyproxy.upstream.pool",
+    "UpstreamSet": "handyproxy.upstream.pool",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_GROUP",
