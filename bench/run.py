@@ -1083,7 +1083,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         # A smoke run (every row measured, zero errors), not figures: as short as still measures.
-        args.iperf_seconds, args.connect_seconds, args.latency_seconds = 2, 2, 2
+        args.iperf_seconds, args.connect_seconds, args.latency_seconds = 1, 1, 1
         args.rounds = args.rounds or 1
         args.connect_concurrency = [32]
         args.idle_n = args.idle_n or 1000

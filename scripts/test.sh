@@ -43,7 +43,7 @@ say "collection: build, offline install, ansible-test sanity"
 scripts/build-collection.sh --sanity
 
 say "pytest"
-pytest -q tests ansible/roles/handyproxy/tests
+pytest -q --durations=15 tests ansible/roles/handyproxy/tests
 
 say "benchmark smoke run: python -m bench --quick --check (about 2 minutes)"
 python -m bench --quick --check

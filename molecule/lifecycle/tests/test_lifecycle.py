@@ -152,8 +152,13 @@ class Load:
             f"setsid python3 {WORK}/downloads.py --host {ORIGIN} --name {ORIGIN} --path /blob"
             f" --count {HELD} --go-file {WORK}/go > {WORK}/downloads.out 2>&1 < /dev/null &"
         )
+
+    def running(self) -> None:
+        """Once the downloads are held open, start the ticker and wait for its first tunnels."""
         assert helpers.wait_until(lambda: '"ready"' in self.out(), timeout=60), self.out()
-        host.check_output(f"setsid bash -c {shlex.quote(TICKER)} > /dev/null 2>&1 < /dev/null &")
+        self.host.check_output(
+            f"setsid bash -c {shlex.quote(TICKER)} > /dev/null 2>&1 < /dev/null &"
+        )
         assert helpers.wait_until(lambda: len(self.ticks()) >= 10, timeout=30)
 
     def out(self) -> str:
@@ -175,8 +180,11 @@ Outcome = tuple[list[dict[str, Any]], list[str]]
 
 
 def loaded(fleet: dict[str, Host]) -> dict[str, Load]:
-    """The load started on every host of the fleet."""
-    return {name: Load(name, host) for name, host in fleet.items()}
+    """The load started on every host of the fleet (all hosts' downloads opening together)."""
+    loads = {name: Load(name, host) for name, host in fleet.items()}
+    for load in loads.values():
+        load.running()
+    return loads
 
 
 def finished(loads: dict[str, Load]) -> dict[str, Outcome]:
