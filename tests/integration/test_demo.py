@@ -52,7 +52,13 @@ def test_demo_removes_its_lab_on_ctrl_c():
         names = lab_namespaces(log.text())
         assert all(ns in namespaces().split() for ns in names)
         proc.send_signal(signal.SIGINT)
-        proc.wait(15)
+        # Not a speed check: the teardown gives each lab process 3 s to go after SIGTERM before
+        # SIGKILL, so on a loaded machine it may take a while; what counts is that it ends and
+        # leaves nothing behind.
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the demo did not end within 60 s of Ctrl-C:\n{log.text()}")
     finally:
         if proc.poll() is None:
             proc.kill()
