@@ -6,26 +6,12 @@ before cntlm is installed, and no message may show the password.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
+import collection_plugins
 import pytest
 
 # One of the collection handyproxy.fleet's filters (ansible/plugins/filter).
-PLUGIN = Path(__file__).resolve().parents[3] / "plugins" / "filter" / "handyproxy_cntlm.py"
+f = collection_plugins.load("filter", "handyproxy_cntlm")
 SECRET = "s3cr3t-never-shown"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("handyproxy_role_cntlm_filters", PLUGIN)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-f = _load()
 
 
 def tenant(name: str = "alice", **block: object) -> dict[str, object]:

@@ -8,27 +8,15 @@ the plugins are plain Python, imported from the collection's plugins/filter dire
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import tomllib
 from pathlib import Path
-from types import ModuleType
 
+import collection_plugins
 import pytest
 
 # The collection handyproxy.fleet's filters (ansible/plugins/filter), which the role calls by FQCN.
-PLUGINS = Path(__file__).resolve().parents[3] / "plugins" / "filter"
-
-
-def _load(name: str = "handyproxy") -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_role_filters", PLUGINS / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-f = _load()
-cntlm = _load("handyproxy_cntlm")
+f = collection_plugins.load("filter", "handyproxy")
+cntlm = collection_plugins.load("filter", "handyproxy_cntlm")
 
 
 def instance(**overrides: object) -> dict[str, object]:

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-from pathlib import Path
-from types import ModuleType
 
-LOOKUP = Path(__file__).resolve().parents[3] / "plugins" / "lookup" / "file_sha256.py"
+import collection_plugins
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("handyproxy_file_sha256", LOOKUP)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lookup = _load()
+lookup = collection_plugins.load("lookup", "file_sha256")
 
 
 def test_digests_come_in_order_with_an_empty_string_for_a_missing_file(tmp_path):
