@@ -41,9 +41,12 @@ make_venv() {
     say "creating $VENV"
     apt_install python3-venv  # Debian's python3 lacks ensurepip without it
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
+    # --no-compile: byte-compiling every file at install time is most of the install (the
+    # `ansible` package alone has tens of thousands of modules, few of them ever imported);
+    # Python compiles and caches what is imported, on first use.
+    "$VENV/bin/pip" install -q --no-compile --upgrade pip
     local req
-    for req in "$@"; do "$VENV/bin/pip" install -q -r "$req"; done
-    "$VENV/bin/pip" install -q -e "$REPO"
+    for req in "$@"; do "$VENV/bin/pip" install -q --no-compile -r "$req"; done
+    "$VENV/bin/pip" install -q --no-compile -e "$REPO"
     echo "$want" > "$stamp"
 }

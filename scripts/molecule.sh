@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Run every Molecule scenario (molecule/*/molecule.yml) against real systemd containers, once per
-# supported Debian suite.
+# Run every Molecule scenario (molecule/*/molecule.yml) against real systemd containers. Each
+# scenario is a fleet: its role hosts run the supported Debian suites side by side, each host
+# naming its suite's image (HANDYPROXY_MOLECULE_IMAGE_<SUITE>, exported here).
 #
 # The one entry point the test command calls. It makes sure Docker runs (scripts/docker-setup.sh),
 # the base image of each suite exists (scripts/build-image.sh SUITE, cached), the wheelhouse the
 # role installs from is built from this checkout (scripts/build-wheelhouse.sh), and so is the
 # collection handyproxy.fleet, installed offline into .cache/collections where
 # molecule/shared/converge.yml finds handyproxy.fleet.site (scripts/build-collection.sh); then
-# it runs `molecule test` for each suite and scenario in turn with the venv's tools and prints
-# how long each took. Exit status: non-zero when any step or scenario failed.
+# it runs `molecule test` for each scenario in turn with the venv's tools and prints how long
+# each took. Exit status: non-zero when any step or scenario failed.
 #
 # Usage: scripts/molecule.sh [SCENARIO...]      (default: every scenario under molecule/)
 # Environment: VENV (default <repo>/.venv), HPM_ID (suffix of container and network names;
 # default random), MOLECULE_ARGS (extra arguments for `molecule test`, e.g. --destroy=never),
-# HANDYPROXY_SUITES (the Debian suites to run on; default "bookworm trixie", the supported ones).
+# HANDYPROXY_SUITES (the Debian suites to build images of; default "bookworm trixie", the
+# supported ones; a host of a suite left out runs on the first suite's image).
 set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -53,13 +55,14 @@ declare -A image
 for suite in $SUITES; do
     image[$suite]=$(bash "$ROOT/scripts/build-image.sh" "$suite")
 done
-# A scenario whose hosts run different suites names their images itself:
-# HANDYPROXY_MOLECULE_IMAGE_BOOKWORM and so on; a suite left out of this run takes the first
-# image built, so a one-suite run still has every host.
+# The scenarios' hosts name their suites' images: HANDYPROXY_MOLECULE_IMAGE_BOOKWORM and so on;
+# a suite left out of this run takes the first image built, so a one-suite run still has every
+# host. Hosts that are not the role's (proxy, origin, client) take HANDYPROXY_MOLECULE_IMAGE.
 first=${SUITES%% *}
 for suite in $SUPPORTED_SUITES; do
     export "HANDYPROXY_MOLECULE_IMAGE_${suite^^}=${image[$suite]:-${image[$first]}}"
 done
+export HANDYPROXY_MOLECULE_IMAGE=${image[$first]}
 
 # Containers or networks that a killed run left behind (we hold the lock, so none is in use).
 stale=$(docker ps -aq --filter label=org.handyproxy.molecule)
@@ -97,30 +100,19 @@ fi
 declare -A took result
 runs=()
 failed=0
-for s in "${scenarios[@]}"; do
-    # A scenario that names the per-suite images (a mixed fleet) runs once, on all of them.
-    if grep -q 'HANDYPROXY_MOLECULE_IMAGE_' "$ROOT/molecule/$s/molecule.yml"; then
-        suites=fleet
+for run in "${scenarios[@]}"; do
+    runs+=("$run")
+    log "scenario $run: molecule test (HPM_ID=$HPM_ID)"
+    t0=$SECONDS
+    # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
+    if molecule test -s "$run" ${MOLECULE_ARGS:-}; then
+        result[$run]=passed
     else
-        suites=$SUITES
+        result[$run]=FAILED
+        failed=1
     fi
-    for suite in $suites; do
-        run="$s/$suite"
-        runs+=("$run")
-        log "scenario $s on $suite: molecule test (HPM_ID=$HPM_ID)"
-        t0=$SECONDS
-        # .config/molecule/config.yml runs every container on this image.
-        # shellcheck disable=SC2086  # MOLECULE_ARGS is a list of words on purpose
-        if HANDYPROXY_MOLECULE_IMAGE=${image[$suite]:-${image[$first]}} \
-            molecule test -s "$s" ${MOLECULE_ARGS:-}; then
-            result[$run]=passed
-        else
-            result[$run]=FAILED
-            failed=1
-        fi
-        took[$run]=$((SECONDS - t0))
-        log "scenario $s on $suite: ${result[$run]} in ${took[$run]}s"
-    done
+    took[$run]=$((SECONDS - t0))
+    log "scenario $run: ${result[$run]} in ${took[$run]}s"
 done
 
 log "summary:"

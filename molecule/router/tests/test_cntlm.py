@@ -1,10 +1,11 @@
 """Scenario `router`, the tenants: one cNTLM per credential owner, managed by the role.
 
-Two tenants on the LAN (the client's addresses .11 and .12) each have an instance whose `cntlm`
-block names their NTLM credentials. The role installs cntlm from the .deb it pushed (the router
-has no mirror) without Debian's own service, runs handyproxy-cntlm@tenant-a and @tenant-b on
-their loopback ports in front of a squid that accepts NTLM only, and the squid log names the
-user each tenant's tunnels came with. Both families are tried from each tenant address.
+Behind each router, two tenants (further addresses of its client) each have an instance whose
+`cntlm` block names their NTLM credentials. The role installs cntlm from the .deb it pushed (the
+routers have no mirror) without Debian's own service, runs handyproxy-cntlm@tenant-a and
+@tenant-b on their loopback ports in front of a squid that accepts NTLM only, and the squid log
+names the user each tenant's tunnels came with, from that router. Both families are tried from
+each tenant address. Every test runs once per router.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import pytest
 testinfra_hosts = helpers.hosts_in("handyproxy")
 
 LAB = helpers.lab()
+# The tenants' names, ports and credentials are the same on every router; their addresses
+# (`site`) are not.
 INSTANCES = helpers.host_vars(testinfra_hosts[0])["handyproxy_instances"]
 TENANTS = {i["name"]: i for i in INSTANCES if "cntlm" in i}
-SOURCES = {name: i["capture"][0]["sources"] for name, i in TENANTS.items()}
 SQUID_LOG = "/var/log/squid/access.log"
 ORIGIN_NAME = LAB["ntlm_proxy"]["origin_name"]
 CURL = "env -i /usr/bin/curl -sS --max-time 20 -k --fail"
@@ -92,18 +94,19 @@ def test_output_rules_skip_the_cntlm_user(host):
     assert f"meta skuid {uid} return" in output
 
 
-def _tunnels(proxy) -> list[str]:
-    """The squid access log's tunnel records (its 407 challenges left out)."""
+def _tunnels(proxy, site) -> list[str]:
+    """The squid access log's tunnel records from this router (its 407 challenges left out)."""
     log = proxy.run(f"cat {SQUID_LOG}").stdout
-    return [line for line in log.splitlines() if " TCP_TUNNEL/200 " in line]
+    came = f" {site['router_mid4']} TCP_TUNNEL/200 "
+    return [line for line in log.splitlines() if came in line]
 
 
 @pytest.mark.parametrize("name", sorted(TENANTS))
 def test_tenant_traffic_of_both_families_reaches_squid_under_its_own_user(
-    host, client, proxy, blob_sha256, name
+    host, site, client, proxy, blob_sha256, name
 ):
-    source4, source6 = SOURCES[name]
-    before = len(_tunnels(proxy))
+    source4, source6 = site["tenants"][name]
+    before = len(_tunnels(proxy, site))
     fetches = [
         (source4, f"http://{LAB['origin4']}/blob", ""),
         (source4, f"https://{LAB['origin4']}/blob", ""),
@@ -127,20 +130,20 @@ def test_tenant_traffic_of_both_families_reaches_squid_under_its_own_user(
     ]
 
     def logged() -> bool:
-        new = _tunnels(proxy)[before:]
+        new = _tunnels(proxy, site)[before:]
         return len(new) >= len(targets) and all(any(t in line for line in new) for t in targets)
 
-    assert helpers.wait_until(logged, timeout=10), "\n".join(_tunnels(proxy)[before:])
-    # Every tunnel since then carries this tenant's name and nobody else's.
-    assert all(f" {user} " in line for line in _tunnels(proxy)[before:])
+    assert helpers.wait_until(logged, timeout=10), "\n".join(_tunnels(proxy, site)[before:])
+    # Every tunnel from this router since then carries this tenant's name and nobody else's.
+    assert all(f" {user} " in line for line in _tunnels(proxy, site)[before:])
     # squid reached the named origin over IPv6.
-    assert any(f"HIER_DIRECT/{LAB['origin6']} " in line for line in _tunnels(proxy)[before:])
+    assert any(f"HIER_DIRECT/{LAB['origin6']} " in line for line in _tunnels(proxy, site)[before:])
 
 
-def test_ipv6_literal_through_cntlm_is_refused_and_never_reaches_squid(host, client, proxy):
+def test_ipv6_literal_through_cntlm_is_refused_and_never_reaches_squid(host, site, client, proxy):
     # cNTLM 0.92.3 splits `CONNECT [v6]:port` at its first colon and closes without a reply
     # (the role README says so); the forwarder resets the client and squid never sees it.
-    source6 = SOURCES["tenant-a"][1]
+    source6 = site["tenants"]["tenant-a"][1]
     before = proxy.run(f"cat {SQUID_LOG}").stdout.count("\n")
     result = client.run(
         f"{CURL} --interface %s http://[%s]/blob -o /dev/null", source6, LAB["origin6"]

@@ -1,7 +1,8 @@
-"""Scenario `router`: a client behind a router that runs the role with PREROUTING capture.
+"""Scenario `router`: clients behind routers that run the role with PREROUTING capture.
 
-The client has no proxy settings at all; its default route is the router. The origin is on a
-network only the upstream proxy reaches, so every byte the client gets from it came through the
+Every test runs once per router (a Debian 12 and a Debian 13 one), with that router's client.
+A client has no proxy settings at all; its default route is its router. The origin is on a
+network only the upstream proxy reaches, so every byte a client gets from it came through its
 router's forwarder and the proxy. Bodies are compared byte for byte by their SHA-256.
 """
 
@@ -16,8 +17,9 @@ testinfra_hosts = helpers.hosts_in("handyproxy")
 # after the tests that read the log of their traffic.
 
 LAB = helpers.lab()
+# The tenants' instances (test_cntlm.py) come first; these tests are about instance `lan`, the
+# same on every router.
 INSTANCES = helpers.host_vars(testinfra_hosts[0])["handyproxy_instances"]
-# The tenants' instances (test_cntlm.py) come first; these tests are about instance `lan`.
 LAN = next(i for i in INSTANCES if i["name"] == "lan")
 PORT = LAN["local_port"]
 # The client runs curl with an empty environment: no *_proxy variable can be involved.
@@ -31,11 +33,11 @@ def test_instance_is_enabled_active_and_listening(host):
     assert host.socket(f"tcp://{PORT}").is_listening
 
 
-def test_table_redirects_exactly_the_client_network_in_prerouting(host):
+def test_table_redirects_exactly_the_client_network_in_prerouting(host, instances):
     table = helpers.nft_table(host)
     assert table is not None
     assert table.chains["prerouting"]["hook"] == "prerouting"
-    assert table.redirects() == helpers.expected_redirects(INSTANCES), "\n".join(
+    assert table.redirects() == helpers.expected_redirects(instances), "\n".join(
         map(str, table.rules)
     )
     prerouting = table.in_chain("prerouting")
@@ -43,17 +45,17 @@ def test_table_redirects_exactly_the_client_network_in_prerouting(host):
     # inventory order, each instance's IPv4 and IPv6 rule, so a tenant's address matches first.
     assert str(prerouting[0]) == "prerouting: [any] fib daddr type == local return comment=''"
     assert [rule.verdict for rule in prerouting[1:]] == [
-        f"redirect :{instance['local_port']}" for instance in INSTANCES for _family in (4, 6)
+        f"redirect :{instance['local_port']}" for instance in instances for _family in (4, 6)
     ]
     assert not table.redirects() & set(table.in_chain("output"))
 
 
-def test_client_has_no_proxy_and_routes_through_the_router(host, client):
+def test_client_has_no_proxy_and_routes_through_its_router(host, site, client):
     assert client.check_output("ip -4 route show default").startswith(
-        f"default via {LAB['router_lan4']} "
+        f"default via {site['router_lan4']} "
     )
     assert client.check_output("ip -6 route show default").startswith(
-        f"default via {LAB['router_lan6']} "
+        f"default via {site['router_lan6']} "
     )
     assert "proxy" not in client.check_output("env").lower()
 
@@ -92,14 +94,14 @@ def test_proxy_log_shows_the_client_tunnels(host, proxy):
         assert f"CONNECT {target} " in log, target
 
 
-def test_forwarder_logged_the_client_and_its_original_destination(host):
+def test_forwarder_logged_the_client_and_its_original_destination(host, site):
     upstream = f"{LAB['proxy_mid4']}:3128"
     wanted = [
         # Each record names the upstream that carried the tunnel.
         f"dst={LAB['origin4']}:443 target={LAB['origin4']}:443 upstream={upstream} status=200",
         f"dst=[{LAB['origin6']}]:80 target=[{LAB['origin6']}]:80 upstream={upstream} status=200",
-        f"client={LAB['client4']}:",
-        f"client=[{LAB['client6']}]:",
+        f"client={site['client4']}:",
+        f"client=[{site['client6']}]:",
     ]
 
     def logged() -> bool:
@@ -110,15 +112,15 @@ def test_forwarder_logged_the_client_and_its_original_destination(host):
     assert helpers.wait_until(logged, timeout=10), helpers.journal(host)
 
 
-def test_direct_connection_to_the_forwarder_port_is_refused(client, host):
-    result = client.run(f"{CURL} http://%s:%s/", LAB["router_lan4"], str(PORT))
+def test_direct_connection_to_the_forwarder_port_is_refused(host, site, client):
+    result = client.run(f"{CURL} http://%s:%s/", site["router_lan4"], str(PORT))
     # Reset (56) or closed without a reply (52): never an answer from anywhere.
     assert result.rc in (7, 52, 56), (result.rc, result.stdout, result.stderr)
     assert result.stdout == ""
 
     def logged() -> bool:
         log = host.check_output("journalctl --no-pager -o cat -u handyproxy@lan.service")
-        return "end=refused" in log and f"dst={LAB['router_lan4']}:{PORT}" in log
+        return "end=refused" in log and f"dst={site['router_lan4']}:{PORT}" in log
 
     assert helpers.wait_until(logged, timeout=10), helpers.journal(host)
 
@@ -135,13 +137,19 @@ def test_origin_is_unreachable_from_the_router_itself(host):
     assert result.rc != 0
 
 
-def test_forwarder_came_from_the_package_index_with_checked_hashes(host, proxy):
+def test_forwarder_came_from_the_package_index_with_checked_hashes(host, site, proxy):
     """The `index` install method: pip on the router fetched handyproxy and uvloop from the
-    PEP 503 index the proxy container serves (its access log shows the downloads), and no
-    wheelhouse was pushed."""
+    PEP 503 index the proxy container serves (its access log shows the downloads, each line
+    starting with the address it came from), and no wheelhouse was pushed."""
     assert not host.file("/opt/handyproxy/wheelhouse").exists
     assert not host.file("/opt/handyproxy/requirements.txt").exists
-    log = proxy.check_output("journalctl --no-pager -o cat -u package-index.service")
+    log = "\n".join(
+        line
+        for line in proxy.check_output(
+            "journalctl --no-pager -o cat -u package-index.service"
+        ).splitlines()
+        if line.startswith(f"{site['router_mid4']} ")
+    )
     assert "GET /simple/handyproxy/ " in log
     assert "GET /simple/uvloop/ " in log
     python = host.check_output(
