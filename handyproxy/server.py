@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import os
 import resource
 import signal
@@ -151,6 +152,9 @@ class Server:
         try:
             await self.hub.upstreams.start(loop)
             metrics.attach(self.hub)
+            # What exists now (modules, config, upstreams) lives as long as the worker: kept
+            # out of the cyclic collector's passes, which then cover only what tunnels allocate.
+            gc.freeze()
             self.start_accepting()
             if channel is not None:
                 loop.add_reader(channel.fileno(), self.on_message)

@@ -21,7 +21,7 @@ class RelayBase:
     __slots__ = ("end", "extra_down", "extra_up", "last_activity", "on_done", "quiet_since")
 
     def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
-        self.on_done = on_done
+        self.on_done: Callable[[RelayBase], None] | None = on_done
         self.end: str | None = None
         self.last_activity = -1
         self.quiet_since = now
@@ -54,6 +54,18 @@ class RelayBase:
     def abort(self, reason: str) -> None:
         """End the tunnel with a reset on both sides, recording ``reason`` unless one is set."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Report the end to the tunnel, once, and let go of it.
+
+        The tunnel holds its relay and ``on_done`` is the tunnel's method: keeping it would make
+        every ended tunnel a reference cycle, freed only by the cyclic garbage collector, whose
+        passes stall every other tunnel of the process. Each relay also unlinks its own halves
+        when it closes, so an ended tunnel is freed by reference counting alone.
+        """
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(self)
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -201,7 +201,10 @@ class CopyRelay(RelayBase):
             else:  # lost after fail() aborted it: the peer's armed reset must stay armed
                 peer.transport.close()
         if peer.closed:
-            self.on_done(self)
+            # Both transports are gone, so no callback can reach the halves: unlink them from
+            # each other and from the relay (see RelayBase.finish).
+            half.relay = peer.relay = half.peer = peer.peer = None  # type: ignore[assignment]
+            self.finish()
 
     def fail(self, half: Half, reason: str) -> None:
         """End the tunnel with RST on both sides, recording ``reason`` unless one is set."""

@@ -261,7 +261,11 @@ class Direction:
             self.pipe = None
 
     def close(self) -> None:
-        """Forget the fds (the relay closes the sockets); a pipe with bytes left is destroyed."""
+        """Forget the fds (the relay closes the sockets); a pipe with bytes left is destroyed.
+
+        Its links to the relay and the other direction go too (see ``RelayBase.finish``): no
+        callback can reach this object once its registrations are dropped.
+        """
         self.stop_reading()
         if self.writing:
             self.writing = False
@@ -272,6 +276,7 @@ class Direction:
             else:
                 self.relay.pool.put(self.pipe)
             self.pipe = None
+        self.relay = self.reverse = None  # type: ignore[assignment]
 
 
 def _watch(
@@ -381,4 +386,4 @@ class SpliceRelay(RelayBase):
                 keep_socket(sock)
             sock.close()
         self.client = self.upstream = None
-        self.on_done(self)
+        self.finish()

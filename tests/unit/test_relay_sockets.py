@@ -8,6 +8,7 @@ registration from the set-up to the relay (``UpstreamPoll.hand_over``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -17,8 +18,8 @@ import uvloop
 
 from handyproxy.relay import RELAYS, load
 from handyproxy.relay.base import RelayBase
-from handyproxy.relay.copy import CopyRelay
-from handyproxy.relay.splice import SpliceRelay
+from handyproxy.relay.copy import CopyRelay, Half
+from handyproxy.relay.splice import Direction, SpliceRelay
 from handyproxy.sockets import LINGER_RESET, TCP_CLOSE, tcp_state
 from handyproxy.tunnel import _unpark
 from handyproxy.upstream.dial import UpstreamPoll
@@ -233,3 +234,66 @@ def test_an_upstream_reset_before_the_hand_over_ends_the_tunnel_as_upstream_rese
         for sock in socks:
             sock.close()
     assert end == "upstream-reset"
+
+
+class _Owner:
+    """Stands in for the tunnel: it holds its relay, and ``on_done`` is its bound method."""
+
+    def __init__(self, done: asyncio.Future[str | None]) -> None:
+        self.done = done
+        self.relay: RelayBase | None = None
+
+    def finished(self, relay: RelayBase) -> None:
+        self.done.set_result(relay.end)
+
+
+def _cyclic_garbage(kinds: tuple[type, ...], main: Callable[[], Awaitable[T]]) -> tuple[T, list]:
+    """Run ``main`` with the cyclic collector off and return the objects of ``kinds`` that only
+    the collector could free afterwards (reference counting frees the rest at once)."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        result = run(main)
+        gc.collect()
+        found = [obj for obj in gc.garbage if isinstance(obj, kinds)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    return result, [type(obj).__name__ for obj in found]
+
+
+@pytest.mark.parametrize("ending", ["eof", "client-reset"])
+@pytest.mark.parametrize("name", sorted(RELAYS))
+def test_an_ended_tunnel_is_freed_without_the_cyclic_collector(name: str, ending: str) -> None:
+    """An ended relay lets go of its tunnel and its halves of each other, so nothing of it waits
+    for the cyclic collector, whose passes over a busy process stall every tunnel in it."""
+    client_app, client_ours = tcp_pair()
+    origin, upstream_ours = tcp_pair()
+    socks = (client_app, client_ours, origin, upstream_ours)
+
+    async def main() -> str | None:
+        loop = asyncio.get_running_loop()
+        owner = _Owner(loop.create_future())
+        owner.relay = relay = load(name)(owner.finished, loop.time())
+        await relay.start(loop, client_ours, upstream_ours, None)
+        await loop.sock_sendall(client_app, b"ping")
+        got = b""
+        while len(got) < 4:
+            got += await asyncio.wait_for(loop.sock_recv(origin, 100), 5)
+        if ending == "eof":
+            client_app.shutdown(socket.SHUT_WR)
+            origin.shutdown(socket.SHUT_WR)
+        else:
+            client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            client_app.close()
+        return await asyncio.wait_for(owner.done, 5)
+
+    try:
+        end, garbage = _cyclic_garbage((RelayBase, _Owner, Direction, Half), main)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert end == ending
+    assert garbage == []
