@@ -8,7 +8,9 @@ registration from the set-up to the relay (``UpstreamPoll.hand_over``).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -19,7 +21,7 @@ import uvloop
 from handyproxy.relay import RELAYS, load
 from handyproxy.relay.base import RelayBase
 from handyproxy.relay.copy import CopyRelay, Half
-from handyproxy.relay.splice import Direction, SpliceRelay
+from handyproxy.relay.splice import Direction, PipePool, SpliceRelay
 from handyproxy.sockets import LINGER_RESET, TCP_CLOSE, tcp_state
 from handyproxy.tunnel import _unpark
 from handyproxy.upstream.dial import UpstreamPoll
@@ -297,3 +299,22 @@ def test_an_ended_tunnel_is_freed_without_the_cyclic_collector(name: str, ending
             sock.close()
     assert end == ending
     assert garbage == []
+
+
+def test_the_pipe_pool_grows_only_a_few_pipes_big_and_forgets_their_size_when_closed() -> None:
+    """The kernel charges every pipe's size to its user (``fs.pipe-user-pages-soft``), so the
+    pool grows the first pipes of each tier and leaves the rest at the kernel's default."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    pool = PipePool(tiers=((64 * page, 1), (32 * page, 2)), keep=0)
+    pipes = [pool.get() for _ in range(4)]
+    try:
+        sizes = [fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) for _, w in pipes]
+        assert sizes == [64 * page, 32 * page, 32 * page, 16 * page]  # 16 pages: the default
+        pool.put(pipes.pop(0))  # keep=0: closed at once, and its big size is free again
+        pipes.append(pool.get())
+        assert fcntl.fcntl(pipes[-1][1], fcntl.F_GETPIPE_SZ) == 64 * page
+        assert pool.per_tier == [1, 2]
+    finally:
+        for pipe in pipes:
+            pool.discard(pipe)
+    assert (pool.open, pool.per_tier, pool.sized) == (0, [0, 0], {})
