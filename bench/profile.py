@@ -1,15 +1,18 @@
-"""Where one tunnel's set-up CPU goes: HandyProxy under wrk, sampled by py-spy, counted by strace.
+"""Where a forwarder's CPU goes: under wrk (new tunnels) or iperf3 (bulk), sampled by py-spy and
+counted by strace.
 
-    sudo .venv/bin/python -m bench.profile --py-spy /tmp/pyspy/bin/py-spy [--flags '...']
+    sudo .venv/bin/python -m bench.profile [--tool redsocks] [--flags '...'] [--tls] [--bulk]
 
-Builds the benchmark's lab, starts tinyproxy and one HandyProxy, drives new tunnels with
-``wrk -H 'Connection: close'`` (one tunnel per request) and, over the same window, samples the
-forwarder with ``py-spy record --native`` (Python and C frames) and, in a second window,
-counts its system calls with ``strace -c -f``. Prints JSON: CPU per tunnel, the top functions
-by own time and by inclusive time, and the system calls per tunnel. py-spy is not a dependency
-of the project: install it into a scratch venv (``python3 -m venv /tmp/pyspy && /tmp/pyspy/bin/pip
-install py-spy``). strace's tracing slows the forwarder, so the CPU figure comes from the
-py-spy window (py-spy samples from outside, without stopping the process).
+Builds the benchmark's lab, starts the upstream (tinyproxy for tunnels, squid for bulk, as the
+benchmark's figures do) and one forwarder, drives it and, over the same window, samples it
+with ``py-spy record --native`` (Python and C frames; HandyProxy only) and, in a second window,
+counts its system calls with ``strace -c -f``. Prints JSON: CPU per tunnel (or per GiB) split
+into user and system time, the top functions by own and inclusive samples, and the system calls
+per tunnel (or per GiB). A full ``python -m bench`` run takes the profiles of ``FULL_RUN`` this
+way and shows them in its report. py-spy is not a dependency of the project: the benchmark
+installs the pin in ``requirements-bench.txt`` into its own venv. strace's tracing slows the
+forwarder, so the CPU figures come from the py-spy window (py-spy samples from outside,
+without stopping the process).
 """
 
 from __future__ import annotations
@@ -23,24 +26,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.run import (
-    HTTP_PORT,
     HTTPS_PORT,
-    ORIGIN,
     ORIGIN_NAME,
     PROXY_PORT,
     UPSTREAM_IP,
     Bench,
 )
 from bench.tools import (
+    PY_SPY,
     Forwarder,
     HandyProxy,
     Redsocks,
     cpu_seconds,
     descendants,
-    parse_wrk,
+    ensure_bench_venv,
     user_system,
 )
 from handyproxy.lab import netns as labmod
@@ -70,50 +74,93 @@ def top_functions(raw: str, count: int) -> dict:
     return {"samples": total, "own": share(own), "inclusive": share(incl)}
 
 
-def strace_table(text: str, tunnels: int) -> list[dict]:
-    """strace -c's table as calls per tunnel, busiest first."""
+def strace_table(text: str, units: float) -> list[dict]:
+    """strace -c's table as calls per unit (a tunnel, a GiB), busiest first."""
     rows = []
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
             calls = int(parts[3])
-            rows.append({"syscall": parts[-1], "per_tunnel": round(calls / max(1, tunnels), 2)})
+            rows.append({"syscall": parts[-1], "per_tunnel": round(calls / max(1e-9, units), 2)})
     rows.sort(key=lambda r: -r["per_tunnel"])
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    p.add_argument("--py-spy", help="path of the py-spy executable (none: no sampling)")
-    p.add_argument("--tool", choices=("handyproxy", "redsocks"), default="handyproxy")
-    p.add_argument("--seconds", type=int, default=10)
-    p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--flags", default="", help="extra HandyProxy flags, e.g. '-sniff-timeout 1s'")
-    p.add_argument("--log-level", default="warning")
-    p.add_argument("--top", type=int, default=25)
-    p.add_argument("--no-strace", action="store_true")
-    p.add_argument("--tls", action="store_true", help="TLS tunnels (wrk over https, named)")
-    p.add_argument("--source", type=Path, help="run the handyproxy package of this checkout")
-    args = p.parse_args(argv)
+@dataclass(frozen=True)
+class Spec:
+    """One profile: which forwarder, with which flags, under which load."""
+
+    label: str
+    tool: str = "handyproxy"  # or "redsocks"
+    flags: str = ""  # more HandyProxy flags
+    log_level: str = "warning"
+    tls: bool = False  # wrk over https to the origin's name (a sniffer reads the SNI)
+    bulk: bool = False  # iperf3 one stream, each way, instead of wrk
+
+    def command(self, seconds: int) -> str:
+        argv = ["python", "-m", "bench.profile", "--seconds", str(seconds)]
+        if self.tool != "handyproxy":
+            argv += ["--tool", self.tool]
+        if self.flags:
+            argv += ["--flags", self.flags]
+        if self.log_level != "warning":
+            argv += ["--log-level", self.log_level]
+        argv += ["--tls"] * self.tls + ["--bulk"] * self.bulk
+        return shlex.join(argv)
+
+
+#: What a full benchmark run profiles, in the order its report shows them.
+FULL_RUN = (
+    Spec("HandyProxy, HTTP tunnels"),
+    Spec("redsocks, HTTP tunnels", tool="redsocks"),
+    Spec(
+        "HandyProxy -log-level info (one access record per tunnel), HTTP tunnels", log_level="info"
+    ),
+    Spec(
+        "HandyProxy -sniff-timeout 1s, TLS tunnels (the SNI read first)",
+        "handyproxy",
+        "-sniff-timeout 1s",
+        tls=True,
+    ),
+    Spec("redsocks, TLS tunnels", tool="redsocks", tls=True),
+    Spec("HandyProxy, bulk (one iperf3 stream up, then down)", bulk=True),
+    Spec("redsocks, bulk (one iperf3 stream up, then down)", tool="redsocks", bulk=True),
+)
+GIB = 1 << 30
+
+
+def profile(
+    spec: Spec,
+    seconds: int = 10,
+    py_spy: str | None = None,
+    top: int = 25,
+    strace: bool = True,
+    connections: int = 32,
+    source: Path | None = None,
+) -> dict:
+    """Run one profile on a lab of its own and return its figures (see the module's doc)."""
     bench_args = argparse.Namespace(nice=0, rate=5000, latency_seconds=3)
     out: dict = {
-        "command": "python -m bench.profile "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "flags": args.flags,
-        "log_level": args.log_level,
-        "tls": args.tls,
+        "command": spec.command(seconds),
+        "tool": spec.tool,
+        "flags": spec.flags,
+        "log_level": spec.log_level,
+        "tls": spec.tls,
+        "bulk": spec.bulk,
     }
+    if spec.tool != "handyproxy":
+        py_spy = None  # C: no interpreter frames to sample
     with tempfile.TemporaryDirectory(prefix="hpprof-") as tmp, labmod.Lab(prefix=None) as lab:
         workdir = Path(tmp)
         workdir.chmod(0o755)
         b = Bench(lab, bench_args, workdir)
-        if args.source:
-            b.env["PYTHONPATH"] = f"{args.source.resolve()}:{b.env['PYTHONPATH']}"
+        if source:
+            b.env["PYTHONPATH"] = f"{source.resolve()}:{b.env['PYTHONPATH']}"
         b.setup()
-        b.start_upstream("tinyproxy")
+        b.start_upstream("squid" if spec.bulk else "tinyproxy")
         upstream = f"{UPSTREAM_IP}:{PROXY_PORT}"
         fw: Forwarder
-        if args.tool == "redsocks":
+        if spec.tool == "redsocks":
             fw = Redsocks(name="redsocks", upstream=upstream, port=b.port(), workdir=workdir)
         else:
             fw = HandyProxy(
@@ -121,43 +168,59 @@ def main(argv: list[str] | None = None) -> int:
                 upstream=upstream,
                 port=b.port(),
                 workdir=workdir,
-                log_level=args.log_level,
+                log_level=spec.log_level,
+                extra=shlex.split(spec.flags),
             )
-            extra = shlex.split(args.flags)
-            fw_argv = fw.argv
-            fw.argv = lambda: [*fw_argv(), *extra]  # type: ignore[method-assign]
         proc = b.start_forwarder(fw)
         lab.redirect(fw.port, family="ipv4")
         try:
             pid = proc.pid
-            url = f"https://{ORIGIN_NAME}:{HTTPS_PORT}/" if args.tls else ""
-            b.wrk(args.connections, 2, url)  # warm up
+            url = f"https://{ORIGIN_NAME}:{HTTPS_PORT}/" if spec.tls else ""
+
+            def load(secs: float) -> tuple[float, dict]:
+                """Drive the forwarder for ``secs``: (units done, what the load tool said)."""
+                if not spec.bulk:
+                    res = b.wrk(connections, secs, url)
+                    figures = {k: res[k] for k in ("rps", "requests", "errors")}
+                    return max(1, res["requests"]), figures
+                half = max(1.0, secs / 2)
+                runs = [b.iperf(half, reverse) for reverse in (False, True)]
+                moved = sum(r["bytes"] for r in runs)
+                errors = [r["error"] for r in runs if "error" in r]
+                figures = {"gbps_up_down": [r["gbps"] for r in runs], "bytes": moved}
+                return max(1, moved) / GIB, figures | ({"errors": errors} if errors else {})
+
+            load(2)  # warm up
             raw = workdir / "pyspy.txt"
             spy = None
-            if args.py_spy:
+            if py_spy:
                 spy = subprocess.Popen(
-                    [args.py_spy, "record", "--native", "--subprocesses", "--rate", "250",
-                     "--format", "raw", "--duration", str(args.seconds + 1),
+                    [py_spy, "record", "--native", "--subprocesses", "--rate", "250",
+                     "--format", "raw", "--duration", str(seconds + 1),
                      "-o", str(raw), "--pid", str(pid)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 time.sleep(0.5)  # py-spy attaches
             c0, (u0, s0) = cpu_seconds(descendants(pid)), user_system(descendants(pid))
-            wrk = b.wrk(args.connections, args.seconds, url)
+            units, figures = load(seconds)
             cpu = cpu_seconds(descendants(pid)) - c0
             u1, s1 = user_system(descendants(pid))
-            n = max(1, wrk["requests"])
-            out["user_us_per_tunnel"] = round(1e6 * (u1 - u0) / n, 1)
-            out["system_us_per_tunnel"] = round(1e6 * (s1 - s0) / n, 1)
+            unit = "gib" if spec.bulk else "tunnel"
+            # Per tunnel in microseconds, per GiB in seconds.
+            scale = 1 if spec.bulk else 1e6
+            places = 3 if spec.bulk else 1
+            out["unit"] = unit
+            out[f"user_per_{unit}"] = round(scale * (u1 - u0) / units, places)
+            out[f"system_per_{unit}"] = round(scale * (s1 - s0) / units, places)
+            out[f"cpu_per_{unit}"] = round(scale * cpu / units, places)
+            out["load"] = figures
+            out["cpu_s"] = round(cpu, 3)
             if spy is not None:
                 spy.wait(timeout=60)
-            out["wrk"] = {k: wrk[k] for k in ("rps", "requests", "errors")}
-            out["cpu_s"] = round(cpu, 3)
-            out["cpu_us_per_tunnel"] = round(1e6 * cpu / max(1, wrk["requests"]), 1)
-            out["profile"] = top_functions(raw.read_text() if raw.exists() else "", args.top)
-            if spy is not None and spy.returncode:
-                out["py_spy_error"] = (spy.stderr.read() if spy.stderr else "")[-300:]
-            if not args.no_strace:
+                out["profile"] = top_functions(raw.read_text() if raw.exists() else "", top)
+                if spy.returncode:
+                    out["py_spy_error"] = (spy.stderr.read() if spy.stderr else "")[-300:]
+            if strace:
                 table = workdir / "strace.txt"
                 # Every process (a master and its workers): -f follows only children to come.
                 traced = [a for p in descendants(pid) for a in ("-p", str(p))]
@@ -166,17 +229,85 @@ def main(argv: list[str] | None = None) -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 time.sleep(0.5)
-                url = url or f"http://{ORIGIN}:{HTTP_PORT}/"
-                argv_wrk = ["wrk", "-t1", f"-c{args.connections}", "-d3s", "-H",
-                            "Connection: close", url]  # fmt: skip
-                res = parse_wrk(lab.run("client", argv_wrk, capture_output=True, text=True).stdout)
+                traced_units, _ = load(3)
                 st.send_signal(2)
                 st.wait(timeout=30)
-                out["strace"] = strace_table(table.read_text(), res["requests"])[: args.top]
-                out["strace_tunnels"] = res["requests"]
+                out["strace"] = strace_table(table.read_text(), traced_units)[:top]
+                out["strace_units"] = round(traced_units, 3)
         finally:
             b.stop_forwarder(proc)
             b.stop_upstream()
+    return out
+
+
+def take(specs: tuple[Spec, ...], seconds: int, say: Callable[[str], None]) -> dict[str, dict]:
+    """The profiles of ``specs``, by label; one that fails is kept as its error, not raised."""
+    ensure_bench_venv()
+    out: dict[str, dict] = {}
+    for spec in specs:
+        say(f"profile: {spec.label}")
+        try:
+            out[spec.label] = profile(spec, seconds=seconds, py_spy=str(PY_SPY), top=40)
+        except Exception as exc:
+            say(f"profile {spec.label}: FAILED {exc!r}")
+            out[spec.label] = {"command": spec.command(seconds), "error": repr(exc)}
+    return out
+
+
+def problems(profiles: dict[str, dict]) -> list[str]:
+    """What ``--check`` fails on: a profile not taken, one whose load had errors or moved
+    nothing, or a HandyProxy one py-spy took no samples of."""
+    out = []
+    for label, prof in profiles.items():
+        load = prof.get("load") or {}
+        if prof.get("error"):
+            out.append(f"profile {label}: {prof['error']}")
+        elif load.get("errors") or not (load.get("requests") or load.get("bytes")):
+            out.append(f"profile {label}: load {load}")
+        elif prof.get("tool") == "handyproxy" and not (prof.get("profile") or {}).get("samples"):
+            out.append(f"profile {label}: py-spy took no samples ({prof.get('py_spy_error')})")
+        elif not prof.get("strace"):
+            out.append(f"profile {label}: strace counted nothing")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--py-spy", default=str(PY_SPY), help="py-spy executable ('': no sampling)")
+    p.add_argument("--tool", choices=("handyproxy", "redsocks"), default="handyproxy")
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--flags", default="", help="extra HandyProxy flags, e.g. '-sniff-timeout 1s'")
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-strace", action="store_true")
+    p.add_argument("--tls", action="store_true", help="TLS tunnels (wrk over https, named)")
+    p.add_argument("--bulk", action="store_true", help="one iperf3 stream each way, not wrk")
+    p.add_argument("--source", type=Path, help="run the handyproxy package of this checkout")
+    args = p.parse_args(argv)
+    if args.py_spy == str(PY_SPY):
+        ensure_bench_venv()
+    spec = Spec(
+        "command line",
+        tool=args.tool,
+        flags=args.flags,
+        log_level=args.log_level,
+        tls=args.tls,
+        bulk=args.bulk,
+    )
+    out = profile(
+        spec,
+        seconds=args.seconds,
+        py_spy=args.py_spy or None,
+        top=args.top,
+        strace=not args.no_strace,
+        connections=args.connections,
+        source=args.source,
+    )
     json.dump(out, sys.stdout, indent=2)
     print()
     return 0

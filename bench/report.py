@@ -78,6 +78,50 @@ def added(lat: dict | None, base: dict | None, key: str) -> float | None:
     return round(lat[key] - base[key], 1)
 
 
+def run_profile(res: dict, tool: str, tls: bool = False, bulk: bool = False) -> dict:
+    """This run's profile of ``tool`` for that load, with no flags when there is one, or {}."""
+    found = [
+        prof
+        for prof in (res.get("profiles") or {}).values()
+        if (prof.get("tool"), prof.get("tls"), prof.get("bulk")) == (tool, tls, bulk)
+        and not prof.get("error")
+    ]
+    found.sort(key=lambda p: bool(p.get("flags")) or p.get("log_level", "warning") != "warning")
+    return found[0] if found else {}
+
+
+def split_reason(res: dict, tls: bool = False, bulk: bool = False) -> str:
+    """Why CPU per tunnel (per GiB) is what it is, from this run's profiles: user and system
+    time of HandyProxy against redsocks, and the system calls each made."""
+    mine, ref = run_profile(res, "handyproxy", tls, bulk), run_profile(res, "redsocks", tls, bulk)
+    if not mine or not ref:
+        return "no profile of this load in this run (see 'Where the CPU goes')"
+    unit, digits, sfx = ("GiB", 3, " s") if bulk else ("tunnel", 0, " us")
+
+    def calls(prof: dict) -> str:
+        return fmt(sum(r["per_tunnel"] for r in prof.get("strace") or []), 0 if bulk else 1)
+
+    u, sy = _per(mine, "user") or 0, _per(mine, "system") or 0
+    ru, rsy = _per(ref, "user") or 0, _per(ref, "system") or 0
+    named = " ".join(["HandyProxy", mine.get("flags") or ""]).strip()
+    text = (
+        f"this run's profile, per {unit}: {named} {fmt(u, digits)}{sfx} user + "
+        f"{fmt(sy, digits)}{sfx} system, redsocks {fmt(ru, digits)}{sfx} user + "
+        f"{fmt(rsy, digits)}{sfx} system; system calls {calls(mine)} vs {calls(ref)}. "
+    )
+    if bulk:
+        return text + (
+            "The kernel's share (the same splice(2) path for both, bigger pipes here) is no "
+            "more than redsocks'; what is left above it is user time, a Python callback per "
+            "wake-up, so 0.9x needs the relay loop out of the interpreter"
+        )
+    return text + (
+        "System time is at parity (the same accept, SO_ORIGINAL_DST, connect, CONNECT, "
+        "splice, shutdown, close); the gap is the interpreter's user time, spread over the "
+        "set-up with no single hot spot (see 'Where the CPU goes')"
+    )
+
+
 def targets(res: dict) -> list[dict]:
     tools = res.get("tools", {})
     hp = handy_rows(tools)
@@ -127,7 +171,7 @@ def targets(res: dict) -> list[dict]:
         n,
         f"{fmt(v, 3)} vs {fmt(ref, 3)} ({ratio(v, ref)})",
         None if v is None or ref is None else v <= 0.9 * ref,
-        "redsocks also relays with splice(2); both are syscall-bound",
+        split_reason(res, bulk=True),
     )
     refp = get(pp, "bulk", "cpu_s_per_gib")
     row(
@@ -144,9 +188,8 @@ def targets(res: dict) -> list[dict]:
         f"{fmt(v, 0)} vs {fmt(ref, 0)}/s",
         None if not v or not ref else v >= ref,
         f"forwarder CPU per tunnel {fmt(get(hp.get(n, {}), 'connect', 'cpu_us_per_tunnel'), 0)}"
-        f" us vs redsocks {fmt(get(rs, 'connect', 'cpu_us_per_tunnel'), 0)} us: the Python "
-        "tunnel setup (accept, SO_ORIGINAL_DST, connect, CONNECT exchange) costs more per "
-        "tunnel and the cores are shared with the load generator and the upstream",
+        f" us vs redsocks {fmt(get(rs, 'connect', 'cpu_us_per_tunnel'), 0)} us, on 2 cores "
+        "shared with the load generator, the upstream and the origin; " + split_reason(res),
     )
     for name, t in tools.items():
         if not name.startswith("handyproxy") or "error" in t:
@@ -162,9 +205,7 @@ def targets(res: dict) -> list[dict]:
                 f"{fmt(mine, 0)} vs {fmt(ref, 0)} us; {fmt(rate, 0)} vs {fmt(ref_rate, 0)} "
                 f"tunnels/s ({ratio(rate, ref_rate)})",
                 None if ref is None else mine <= ref,
-                "see the profile below: most of a tunnel's CPU is kernel work both tools "
-                "share (connect, send, splice through the namespaces' TCP stacks); the "
-                "remainder is the Python set-up",
+                split_reason(res, tls=figure == "connect_tls"),
             )
     lat_best = None
     for name, t in hp.items():
@@ -617,7 +658,7 @@ def render(res: dict) -> str:
                 + "\n"
             )
 
-    parts.append(profile_section(res.get("profiles") or {}))
+    parts.append(profile_section(res.get("profiles") or {}, res.get("profiles_earlier") or {}))
     parts.append("\n## Targets (issue 11)\n\n")
     parts.append(
         "Ratios are taken within this run. *Best HandyProxy row* is the best of the "
@@ -650,28 +691,68 @@ def render(res: dict) -> str:
     return "".join(parts)
 
 
-def profile_section(profiles: dict) -> str:
-    """Where one tunnel's CPU goes (``python -m bench.profile``), for each profile given."""
-    if not profiles:
+def _per(prof: dict, what: str) -> float | None:
+    """``what`` (user, system, cpu) per unit of a profile, in its unit (us per tunnel, s per
+    GiB); profiles taken before the bulk kind existed name it ``WHAT_us_per_tunnel``."""
+    unit = prof.get("unit", "tunnel")
+    value = prof.get(f"{what}_per_{unit}")
+    return prof.get(f"{what}_us_per_tunnel") if value is None else value
+
+
+def profile_section(profiles: dict, earlier: dict) -> str:
+    """Where a forwarder's CPU goes (``bench.profile``): this run's profiles, then earlier ones."""
+    if not profiles and not earlier:
         return ""
     out = [
-        "\n## Where a tunnel's set-up CPU goes\n\n"
-        "`python -m bench.profile` (run separately from the figures above, on the same lab, "
-        "taken back to back so each pair saw the same load; they predate the merge of "
-        "the supervisor and metrics branches, so they compare this branch's changes on one base): "
-        "one forwarder under `wrk -c32 -H 'Connection: close'` (one tunnel per request), "
-        "sampled by `py-spy record --native` (Python and C frames, 250 Hz) and, in a second "
-        "window, counted by `strace -c -f`. *own* = samples whose innermost frame is that "
-        "function; a libc entry (`splice`, `send`, `connect`) is time in the kernel, "
-        "including the loopback TCP work of the namespaces that the call triggers.\n"
+        "\n## Where the CPU goes\n\n"
+        "Taken by this run after the figures above, each on a fresh lab (`bench.profile`, the "
+        "command is given with each): one forwarder under `wrk -c32 -H 'Connection: close'` "
+        "(one tunnel per request; tinyproxy upstream) or one iperf3 stream up, then down "
+        "(squid upstream), sampled by `py-spy record --native` (Python and C frames, 250 Hz) "
+        "and, in a second window, counted by `strace -c -f`. CPU is utime + stime of the "
+        "forwarder's processes over the sampled window, split into user and system time. "
+        "*own* = samples whose innermost frame is that function; a libc entry (`splice`, "
+        "`send`, `connect`) is time in the kernel, including the loopback TCP work of the "
+        "namespaces that the call triggers.\n"
     ]
+    out += _profiles(profiles)
+    if profiles:
+        out.append(PROFILE_READING)
+    if earlier:
+        out.append(
+            "\n## Before and after: main at 8cf7475 against this checkout\n\n"
+            "Taken back to back after the run above (`bench.profile --source DIR`, each checkout's "
+            "own `handyproxy`), so the pair saw the same load.\n"
+        )
+        out += _profiles(earlier, level="###")
+    return "".join(out)
+
+
+def _profiles(profiles: dict, level: str = "###") -> list[str]:
+    out = []
     for label, prof in profiles.items():
         cmd = prof.get("command", "")
+        if prof.get("error"):
+            out.append(f"\n{level} {label}\n\n`{cmd}`: **failed**: {prof['error']}\n")
+            continue
+        load = prof.get("load") or prof.get("wrk") or {}
+        if prof.get("unit") == "gib":
+            rates = " / ".join(fmt(g, 2) for g in load.get("gbps_up_down", []))
+            what = (
+                f"{rates} Gbit/s up / down, {fmt(_per(prof, 'cpu'), 3)} s of forwarder CPU per "
+                f"GiB ({fmt(_per(prof, 'user'), 3)} s user, {fmt(_per(prof, 'system'), 3)} s "
+                "system)"
+            )
+            unit = "GiB"
+        else:
+            what = (
+                f"{fmt(load.get('rps'), 0)} tunnels/s, {fmt(_per(prof, 'cpu'), 0)} us of "
+                f"forwarder CPU per tunnel ({fmt(_per(prof, 'user'), 0)} us user, "
+                f"{fmt(_per(prof, 'system'), 0)} us system)"
+            )
+            unit = "tunnel"
         out.append(
-            f"\n### {label}\n\n`{cmd}`: {fmt(get(prof, 'wrk', 'rps'), 0)} tunnels/s, "
-            f"{fmt(prof.get('cpu_us_per_tunnel'), 0)} us of forwarder CPU per tunnel "
-            f"({fmt(prof.get('user_us_per_tunnel'), 0)} us user, "
-            f"{fmt(prof.get('system_us_per_tunnel'), 0)} us system)"
+            f"\n{level} {label}\n\n`{cmd}`: {what}"
             + (f". {prof['note']}" if prof.get("note") else "")
             + "\n\n"
         )
@@ -683,12 +764,16 @@ def profile_section(profiles: dict) -> str:
                     [[fmt(r["pct"], 1), f"`{r['function']}`"] for r in own[:15]],
                 )
             )
+            # The frames every sample passes through (start-up, the supervisor, the loop's
+            # entry) say nothing; what is left is where the tunnels' work happens.
+            roots = ("handyproxy/__main__", "handyproxy/cli.py", "handyproxy/supervisor/")
             py = [
                 r
                 for r in get(prof, "profile", "inclusive") or []
-                if "handyproxy/" in r["function"] and "__main__" not in r["function"]
+                if "handyproxy/" in r["function"]
+                and not any(root in r["function"] for root in roots)
+                and not r["function"].startswith(("main ", "run ", "serve "))
             ][:12]
-            py = [r for r in py if not r["function"].startswith(("main ", "run ", "serve "))]
             if py:
                 out.append("\nInclusive, HandyProxy's own functions:\n\n")
                 out.append(
@@ -699,49 +784,60 @@ def profile_section(profiles: dict) -> str:
                 )
         if prof.get("strace"):
             total = sum(r["per_tunnel"] for r in prof["strace"])
-            out.append(f"\nSystem calls per tunnel ({fmt(total, 1)} in all): ")
+            digits = 0 if unit == "GiB" else 1
+            out.append(f"\nSystem calls per {unit} ({fmt(total, digits)} in all): ")
             out.append(
-                ", ".join(f"{r['syscall']} {fmt(r['per_tunnel'], 1)}" for r in prof["strace"])
+                ", ".join(f"{r['syscall']} {fmt(r['per_tunnel'], digits)}" for r in prof["strace"])
                 + "\n"
             )
-    out.append(PROFILE_READING)
-    return "".join(out)
+    return out
 
 
 PROFILE_READING = """
 ### What the profiles show, and what was tried
 
-- **System time is at parity; the gap is the interpreter.** Split into user and system time,
-  a tunnel costs HandyProxy and redsocks about the same in the kernel (the same ~45 system
-  calls: accept, SO_ORIGINAL_DST, socket, connect, the CONNECT send and reply, splice each way,
-  shutdown, close, and the event loop's epoll_ctl), and the loopback TCP work those calls
-  trigger in the namespaces is charged to whichever process makes them. What HandyProxy spends
-  beyond redsocks is user time: CPython running the set-up (Tunnel.run, UpstreamSet.open,
-  connect_first, exchange, start_relay) and the relay's callbacks (Direction.on_readable and
-  flush, one call per chunk each way), spread over a few hundred bytecode-level steps with no
-  single hot spot left (no Python function has more than about 1 % of the samples on its own).
-- **Cut on this branch:** access records written once per event-loop turn and formatted faster
-  (one regex decides quoting, the timestamp once per second, no caller lookup: about 11.5 to 8.4
-  us per record in isolation); the CONNECT request's constant end cached; sniffing parses each
-  byte once (8 KiB one byte per read: 1.22 s of parsing before, 0.004 s now) on one reader
-  registration and one timer instead of a sock_recv and a timeout per read, and that reader and
-  the upstream's are handed to the relay instead of being torn down and rebuilt (each uvloop
-  poll handle costs 7 epoll_ctl and an ioctl over its life); the sniffed first flight is sent at
-  once when the fresh socket takes it.
-- **Tried and dropped:** accepting with `_accept()` and a plain `socket(fd)` instead of
-  `socket.accept()` (no measurable change: 6.5 vs 5-6.5 us per accept in isolation); driving
-  the set-up coroutine from future callbacks without a Task (a set-up of the same depth, two
-  waits: 15.6-17.5 us against 16.8-21.6 us with a Task on uvloop, within the noise, so the
-  Task stays); stopping the splice loop after a short read instead of at EAGAIN (one splice
-  less per chunk, but uvloop reports an error on a descriptor once, so a reset arriving with
-  the last bytes could be missed: correctness wins).
-- **What parity would take:** the remaining user time is per-tunnel Python object work (the
-  set-up's coroutine frames, futures and timer handles, the relay's two Direction objects, the
-  uvloop poll handles) and one Python call per chunk per direction. The next step by these
-  profiles is the relay and set-up on one edge-triggered epoll of our own (one epoll_ctl per
-  descriptor instead of uvloop's seven, no poll-handle objects); it would save part of the user
-  time, not the factor redsocks' C has. Meeting redsocks' CPU per tunnel needs the per-tunnel
-  path out of the interpreter.
+- **Per tunnel, system time is at parity; the gap is the interpreter.** HandyProxy and redsocks
+  make the same ~45 system calls per tunnel (accept, SO_ORIGINAL_DST, socket, connect, the
+  CONNECT send and reply, splice each way, shutdown, close, the event loop's epoll_ctl), and the
+  loopback TCP work they trigger in the namespaces is charged to whoever makes them. What
+  HandyProxy spends beyond redsocks is user time: CPython running the set-up (Tunnel.run,
+  UpstreamSet.open, connect_first, exchange, start_relay) and the relay's callbacks, spread over
+  a few hundred bytecode-level steps with no single hot spot (no Python function has more than
+  about 2 % of the samples on its own).
+- **Bulk: the kernel's share is below redsocks'; user time is what is left.** With 1 MiB pipes
+  a GiB takes a few thousand splice calls where redsocks' 64 KiB pipes take ~33,000 and as many
+  epoll_waits, so HandyProxy's system time per GiB is lower and its total CPU per GiB now meets
+  0.9x redsocks'; its user time (a Python callback per wake-up) stays above redsocks'.
+- **Cut, in this issue:** an ended tunnel was a reference cycle (tunnel, relay, its two
+  directions) freed only by the cyclic collector: about 150,000 objects collected per 16,000
+  tunnels, with passes of up to 11 ms stalling every tunnel of the worker; relays now let go
+  of the tunnel and their halves when they end (nothing left for the collector, longest pass
+  1.8 ms, at start-up) and the worker freezes its start-up objects (`gc.freeze()`). Pipes
+  grow in tiers (8 of 1 MiB, 32 of 256 KiB per process, the rest the kernel's 64 KiB, bounded
+  because the kernel charges pipe sizes to the user): 0.354 to about 0.30 s of CPU per GiB in
+  back-to-back profiles. Earlier: access records written once per event-loop turn and formatted
+  faster; the CONNECT request's constant end cached; sniffing parses each byte once (8 KiB one
+  byte per read: 1.22 s of parsing before, 0.004 s now) on one reader registration and one timer,
+  and that reader and the upstream's are handed to the relay instead of being torn down and
+  rebuilt (each uvloop poll handle costs 7 epoll_ctl and an ioctl over its life); the sniffed
+  first flight is sent at once when the fresh socket takes it.
+- **Tried and dropped:** accepting with `_accept()` and a plain `socket(fd)` (no measurable
+  change); driving the set-up coroutine from future callbacks without a Task (within the noise);
+  stopping the splice loop after a short read instead of at EAGAIN (one splice less per chunk,
+  but uvloop reports an error on a descriptor once, so a reset arriving with the last bytes
+  could be missed: correctness wins).
+- **A measuring error found and fixed:** `bench.profile --source DIR` was meant to run another
+  checkout, but the forwarder ran with the repository as its working directory, which
+  `python -m` puts first on sys.path, so "before" profiles ran the current code. The forwarder
+  now starts with `python -P`; the earlier profiles below were taken again with the fix.
+- **What parity per tunnel would take:** the remaining user time is per-tunnel Python object
+  work (coroutine frames, futures, timer handles, the relay's objects, uvloop's poll handles)
+  and one Python call per chunk per direction. An edge-triggered epoll of our own would save
+  part of it (one epoll_ctl per descriptor instead of uvloop's seven, no poll-handle objects),
+  not the factor redsocks' C has: meeting redsocks' CPU per tunnel needs the per-tunnel path out
+  of the interpreter. Latency: redsocks and HandyProxy add a tail of the same order in each run;
+  at 5,000 req/s on 2 cores shared by client, forwarder, upstream and origin the p99 is waiting
+  for a core, as the direct path's own p99 shows.
 """
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from bench import report
 from bench.tools import (
+    PPROXY,
     REPO,
     UPSTREAMS,
     Forwarder,
@@ -52,7 +53,7 @@ from bench.tools import (
     cpu_seconds,
     descendants,
     dpkg_version,
-    ensure_pproxy,
+    ensure_bench_venv,
     first_line,
     parse_wrk,
     rss_kib,
@@ -922,6 +923,9 @@ def problems(result: dict) -> list[str]:
         conc = result["concurrency"]
         if conc.get("error") or conc.get("errors") or not conc.get("established"):
             out.append(f"concurrency: {conc.get('error') or conc.get('errors')} errors")
+    from bench import profile as profiling  # it imports this module
+
+    out += profiling.problems(result.get("profiles") or {})
     return out
 
 
@@ -954,7 +958,7 @@ def versions(args: argparse.Namespace) -> dict:
         "uvloop": uvloop.__version__,
         "handyproxy": first_line([sys.executable, "-m", "handyproxy", "-version"]),
         "redsocks": dpkg_version("redsocks"),
-        "pproxy": first_line([str(REPO / "bench/.venv-pproxy/bin/pproxy"), "--version"]),
+        "pproxy": first_line([str(PPROXY), "--version"]),
         "squid": dpkg_version("squid"),
         "tinyproxy": dpkg_version("tinyproxy"),
         "iperf3": dpkg_version("iperf3"),
@@ -1070,10 +1074,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrent-workers", type=int, default=4)
     p.add_argument("--out", type=Path, help="markdown path (JSON goes next to it)")
     p.add_argument(
-        "--profiles",
+        "--profile-seconds",
+        type=int,
+        help="length of each profile the run takes (bench.profile.FULL_RUN; 10, quick: one of "
+        "2 s; 0 skips them)",
+    )
+    p.add_argument(
+        "--earlier-profiles",
         type=Path,
         default=REPO / "docs" / "benchmarks-profile.json",
-        help="profiles (python -m bench.profile, collected into one JSON) to show in the report",
+        help="profiles taken earlier (python -m bench.profile, collected into one JSON) to show "
+        "after this run's",
     )
     p.add_argument(
         "--check",
@@ -1090,6 +1101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.idle_n_big = 0
         args.concurrent_n = 0 if args.concurrent_n is None else args.concurrent_n
         args.out = args.out or Path(tempfile.gettempdir()) / "handyproxy-bench-quick.md"
+        args.profile_seconds = 2 if args.profile_seconds is None else args.profile_seconds
     else:
         args.iperf_seconds, args.connect_seconds, args.latency_seconds = 3, 3, 4
         args.rounds = args.rounds or 3
@@ -1100,6 +1112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.idle_n_big = 9000
         args.concurrent_n = 20000 if args.concurrent_n is None else args.concurrent_n
         args.out = args.out or REPO / "docs" / "benchmarks.md"
+        args.profile_seconds = 10 if args.profile_seconds is None else args.profile_seconds
     return args
 
 
@@ -1108,7 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing := labmod.missing_requirements():
         print("bench needs " + ", ".join(missing), file=sys.stderr)
         return 2
-    ensure_pproxy()
+    ensure_bench_venv()
     command = ".venv/bin/python -m bench" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     started = datetime.datetime.now(datetime.UTC)
     result: dict[str, Any] = {
@@ -1162,9 +1175,14 @@ def main(argv: list[str] | None = None) -> int:
             logf = workdir / (f"squid-{PROXY_PORT}/cache.log" if name == "squid" else f"{name}.log")
             with contextlib.suppress(OSError):
                 result.setdefault("logs_tail", {})[name] = logf.read_text()[-1500:]
+    if args.profile_seconds:
+        from bench import profile as profiling  # it imports this module
+
+        specs = profiling.FULL_RUN[:1] if args.quick else profiling.FULL_RUN
+        result["profiles"] = profiling.take(specs, args.profile_seconds, log)
     result["seconds"] = round(time.monotonic() - t0, 1)
-    if not args.quick and args.profiles and args.profiles.exists():
-        result["profiles"] = json.loads(args.profiles.read_text())
+    if not args.quick and args.earlier_profiles and args.earlier_profiles.exists():
+        result["profiles_earlier"] = json.loads(args.earlier_profiles.read_text())
     with open("/proc/loadavg") as f:
         result["machine"]["load_after"] = f.read().split()[:3]
     out_md = Path(args.out)

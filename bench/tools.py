@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PPROXY_VENV = REPO / "bench" / ".venv-pproxy"
-PPROXY_REQUIREMENTS = REPO / "requirements-bench.txt"
+#: The benchmark's own tools from PyPI (pproxy, py-spy), pinned in BENCH_REQUIREMENTS.
+BENCH_VENV = REPO / "bench" / ".venv-tools"
+BENCH_REQUIREMENTS = REPO / "requirements-bench.txt"
+PPROXY = BENCH_VENV / "bin" / "pproxy"
+PY_SPY = BENCH_VENV / "bin" / "py-spy"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -118,8 +121,11 @@ class HandyProxy(Forwarder):
         self.multiprocess = True
 
     def argv(self) -> list[str]:
+        # -P: the working directory (the repo) is not put first on sys.path, so PYTHONPATH
+        # decides which checkout's handyproxy runs (bench.profile --source).
         argv = [
             self.python,
+            "-P",
             "-m",
             "handyproxy",
             "-local-port",
@@ -163,7 +169,7 @@ class Redsocks(Forwarder):
 class Pproxy(Forwarder):
     def argv(self) -> list[str]:
         return [
-            str(PPROXY_VENV / "bin" / "pproxy"),
+            str(PPROXY),
             "-l",
             f"redir://:{self.port}",
             "-r",
@@ -171,27 +177,27 @@ class Pproxy(Forwarder):
         ]
 
     def version(self) -> str:
-        return first_line([str(PPROXY_VENV / "bin" / "pproxy"), "--version"])
+        return first_line([str(PPROXY), "--version"])
 
 
-def ensure_pproxy() -> None:
-    """Build pproxy's own venv from scratch when it is missing or its pin changed.
+def ensure_bench_venv() -> None:
+    """Build the benchmark's own venv from scratch when it is missing or its pins changed.
 
     Its own venv because pproxy crashes at start when uvloop is importable; a fresh clone has
-    none, so this must work from nothing: the stdlib venv (with its pip), then the pin.
+    none, so this must work from nothing: the stdlib venv (with its pip), then the pins.
     """
-    exe = PPROXY_VENV / "bin" / "pproxy"
-    want = PPROXY_REQUIREMENTS.read_text()
-    stamp = PPROXY_VENV / ".requirements"
-    if exe.exists() and stamp.exists() and stamp.read_text() == want:
+    want = BENCH_REQUIREMENTS.read_text()
+    stamp = BENCH_VENV / ".requirements"
+    if PPROXY.exists() and PY_SPY.exists() and stamp.exists() and stamp.read_text() == want:
         return
-    if PPROXY_VENV.exists():
-        shutil.rmtree(PPROXY_VENV)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PPROXY_VENV)], check=True)
-    pip = [str(PPROXY_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "-r", str(PPROXY_REQUIREMENTS)], check=True)
-    if not exe.exists():
-        raise RuntimeError(f"installing {PPROXY_REQUIREMENTS.name} left no {exe}")
+    if BENCH_VENV.exists():
+        shutil.rmtree(BENCH_VENV)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(BENCH_VENV)], check=True)
+    pip = [str(BENCH_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "-r", str(BENCH_REQUIREMENTS)], check=True)
+    for exe in (PPROXY, PY_SPY):
+        if not exe.exists():
+            raise RuntimeError(f"installing {BENCH_REQUIREMENTS.name} left no {exe}")
     stamp.write_text(want)
 
 
