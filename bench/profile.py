@@ -241,8 +241,8 @@ def profile(
 
 
 def take(specs: tuple[Spec, ...], seconds: int, say: Callable[[str], None]) -> dict[str, dict]:
-    """The profiles of ``specs``, by label; one that fails is kept as its error, not raised."""
-    ensure_bench_venv()
+    """The profiles of ``specs``, by label; one that fails is kept as its error, not raised.
+    The caller has built the benchmark's venv (``ensure_bench_venv``), where py-spy is."""
     out: dict[str, dict] = {}
     for spec in specs:
         say(f"profile: {spec.label}")

@@ -109,16 +109,18 @@ def split_reason(res: dict, tls: bool = False, bulk: bool = False) -> str:
         f"{fmt(sy, digits)}{sfx} system, redsocks {fmt(ru, digits)}{sfx} user + "
         f"{fmt(rsy, digits)}{sfx} system; system calls {calls(mine)} vs {calls(ref)}. "
     )
+    text += (
+        f"User time {ratio(u, ru)} redsocks', system time {ratio(sy, rsy)}; py-spy's sampling "
+        "pauses the HandyProxy process and adds to both (the figures above are unsampled). "
+    )
     if bulk:
         return text + (
-            "The kernel's share (the same splice(2) path for both, bigger pipes here) is no "
-            "more than redsocks'; what is left above it is user time, a Python callback per "
-            "wake-up, so 0.9x needs the relay loop out of the interpreter"
+            "Both move the bytes with splice(2); HandyProxy's user time is a Python callback "
+            "per wake-up"
         )
     return text + (
-        "System time is at parity (the same accept, SO_ORIGINAL_DST, connect, CONNECT, "
-        "splice, shutdown, close); the gap is the interpreter's user time, spread over the "
-        "set-up with no single hot spot (see 'Where the CPU goes')"
+        "The user time is the interpreter running the set-up, spread with no single hot spot "
+        "(see 'Where the CPU goes')"
     )
 
 
@@ -693,10 +695,8 @@ def render(res: dict) -> str:
 
 def _per(prof: dict, what: str) -> float | None:
     """``what`` (user, system, cpu) per unit of a profile, in its unit (us per tunnel, s per
-    GiB); profiles taken before the bulk kind existed name it ``WHAT_us_per_tunnel``."""
-    unit = prof.get("unit", "tunnel")
-    value = prof.get(f"{what}_per_{unit}")
-    return prof.get(f"{what}_us_per_tunnel") if value is None else value
+    GiB)."""
+    return prof.get(f"{what}_per_{prof.get('unit', 'tunnel')}")
 
 
 def profile_section(profiles: dict, earlier: dict) -> str:
@@ -735,7 +735,7 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
         if prof.get("error"):
             out.append(f"\n{level} {label}\n\n`{cmd}`: **failed**: {prof['error']}\n")
             continue
-        load = prof.get("load") or prof.get("wrk") or {}
+        load = prof.get("load") or {}
         if prof.get("unit") == "gib":
             rates = " / ".join(fmt(g, 2) for g in load.get("gbps_up_down", []))
             what = (
@@ -796,11 +796,16 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
 PROFILE_READING = """
 ### What the profiles show, and what was tried
 
-- **Per tunnel, system time is at parity; the gap is the interpreter.** HandyProxy and redsocks
-  make the same ~45 system calls per tunnel (accept, SO_ORIGINAL_DST, socket, connect, the
-  CONNECT send and reply, splice each way, shutdown, close, the event loop's epoll_ctl), and the
-  loopback TCP work they trigger in the namespaces is charged to whoever makes them. What
-  HandyProxy spends beyond redsocks is user time: CPython running the set-up (Tunnel.run,
+- **Read the CPU split of a HandyProxy profile as an upper bound.** py-spy pauses the sampled
+  process 250 times a second, and that adds to its user and system time: the HTTP profile
+  above costs about twice the unsampled figure in the tunnels table. Unsampled
+  (`bench.profile --py-spy ''`, nine runs this session) a HandyProxy tunnel
+  took 107-154 us of system time, about redsocks' (its profile above; it is never sampled).
+- **Per tunnel, the gap is the interpreter.** HandyProxy and redsocks make the same ~45 system
+  calls per tunnel (accept, SO_ORIGINAL_DST, socket, connect, the CONNECT send and reply, splice
+  each way, shutdown, close, the event loop's epoll_ctl), and the loopback TCP work they trigger
+  in the namespaces is charged to whoever makes them. What HandyProxy spends beyond redsocks is
+  user time: CPython running the set-up (Tunnel.run,
   UpstreamSet.open, connect_first, exchange, start_relay) and the relay's callbacks, spread over
   a few hundred bytecode-level steps with no single hot spot (no Python function has more than
   about 2 % of the samples on its own).
