@@ -1,18 +1,25 @@
-"""Where a forwarder's CPU goes: under wrk (new tunnels) or iperf3 (bulk), sampled by py-spy and
-counted by strace.
+"""Where a forwarder's CPU goes: under wrk (new tunnels) or iperf3 (bulk), measured, split by
+perf, sampled by py-spy and counted by strace.
 
     sudo .venv/bin/python -m bench.profile [--tool redsocks] [--flags '...'] [--tls] [--bulk]
 
 Builds the benchmark's lab, starts the upstream (tinyproxy for tunnels, squid for bulk, as the
-benchmark's figures do) and one forwarder, drives it and, over the same window, samples it
-with ``py-spy record --native`` (Python and C frames; HandyProxy only) and, in a second window,
-counts its system calls with ``strace -c -f``. Prints JSON: CPU per tunnel (or per GiB) split
-into user and system time, the top functions by own and inclusive samples, and the system calls
-per tunnel (or per GiB). A full ``python -m bench`` run takes the profiles of ``FULL_RUN`` this
-way and shows them in its report. py-spy is not a dependency of the project: the benchmark
-installs the pin in ``requirements-bench.txt`` into its own venv. strace's tracing slows the
-forwarder, so the CPU figures come from the py-spy window (py-spy samples from outside,
-without stopping the process).
+benchmark's figures do) and one forwarder, and drives it through four windows, each watched by
+one tool only, because every observer costs the watched process something:
+
+1. nothing watches: the CPU per tunnel (or per GiB), split into user and system time, from
+   /proc. These are the profile's figures.
+2. ``perf record`` (timer samples of every thread, kernel included; it never stops the process):
+   the share of the samples in each part of the process (the kernel, the Python interpreter,
+   the event loop, libc, the program itself), for HandyProxy and redsocks alike.
+3. ``py-spy record --native`` (HandyProxy only): the top functions by own and inclusive
+   samples. py-spy pauses the process to read its stacks, which inflates its CPU (kept as
+   ``sampled_cpu_per_*`` for the record, never used as a figure).
+4. ``strace -c -f``: the system calls per tunnel (or per GiB).
+
+Prints JSON. A full ``python -m bench`` run takes the profiles of ``FULL_RUN`` this way and
+shows them in its report. py-spy is not a dependency of the project: the benchmark installs the
+pin in ``requirements-bench.txt`` into its own venv; perf is Debian's ``linux-perf``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import collections
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,6 +94,39 @@ def strace_table(text: str, units: float) -> list[dict]:
     return rows
 
 
+#: The parts of a process perf's samples are sorted into, by the object they fall in: the
+#: first pattern that matches names the part. Whatever matches none is "other".
+PARTS = (
+    ("kernel", re.compile(r"^\[kernel")),
+    ("Python interpreter", re.compile(r"^libpython")),
+    ("event loop (uvloop, libevent)", re.compile(r"^(loop\.cpython|libevent)")),
+    ("libc", re.compile(r"^(libc\.so|libm\.so|\[vdso\])")),
+    ("Python extensions", re.compile(r"\.cpython-.*\.so$")),
+    ("the program", re.compile(r"^(redsocks|python3?(\.\d+)?)$")),
+)
+_PERF_ROW = re.compile(r"^\s*([\d.]+)%\s+(\S.*?)\s*$")
+
+
+def perf_parts(report: str, cpu_per_unit: float | None = None) -> list[dict]:
+    """``perf report --sort dso``'s shares summed into ``PARTS``, largest first; with
+    ``cpu_per_unit`` each part also gets its share of it (``per_unit``, in the unit's scale)."""
+    shares: collections.Counter[str] = collections.Counter()
+    for line in report.splitlines():
+        m = _PERF_ROW.match(line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        dso = m.group(2)
+        part = next((name for name, rx in PARTS if rx.search(dso)), "other")
+        shares[part] += float(m.group(1))
+    rows = []
+    for part, pct in shares.most_common():
+        row: dict = {"part": part, "pct": round(pct, 1)}
+        if cpu_per_unit is not None:
+            row["per_unit"] = round(cpu_per_unit * pct / 100, 3 if cpu_per_unit < 10 else 1)
+        rows.append(row)
+    return rows
+
+
 @dataclass(frozen=True)
 class Spec:
     """One profile: which forwarder, with which flags, under which load."""
@@ -137,6 +178,7 @@ def profile(
     strace: bool = True,
     connections: int = 32,
     source: Path | None = None,
+    perf: str | None = "perf",
 ) -> dict:
     """Run one profile on a lab of its own and return its figures (see the module's doc)."""
     bench_args = argparse.Namespace(nice=0, rate=5000, latency_seconds=3)
@@ -150,6 +192,9 @@ def profile(
     }
     if spec.tool != "handyproxy":
         py_spy = None  # C: no interpreter frames to sample
+    if perf and not shutil.which(perf):
+        out["perf_error"] = f"{perf} is not installed (Debian: linux-perf)"
+        perf = None
     with tempfile.TemporaryDirectory(prefix="hpprof-") as tmp, labmod.Lab(prefix=None) as lab:
         workdir = Path(tmp)
         workdir.chmod(0o755)
@@ -191,8 +236,55 @@ def profile(
                 return max(1, moved) / GIB, figures | ({"errors": errors} if errors else {})
 
             load(2)  # warm up
+            unit = "gib" if spec.bulk else "tunnel"
+            # Per tunnel in microseconds, per GiB in seconds.
+            scale = 1 if spec.bulk else 1e6
+            places = 3 if spec.bulk else 1
+
+            def measured(secs: float) -> tuple[dict, dict]:
+                """Drive ``secs``; the forwarder's CPU per unit over that window, and the load."""
+                pids = descendants(pid)
+                c0, (u0, s0) = cpu_seconds(pids), user_system(pids)
+                units, figures = load(secs)
+                pids = descendants(pid)
+                cpu = cpu_seconds(pids) - c0
+                u1, s1 = user_system(pids)
+                return {
+                    "user": round(scale * (u1 - u0) / units, places),
+                    "system": round(scale * (s1 - s0) / units, places),
+                    "cpu": round(scale * cpu / units, places),
+                    "cpu_s": round(cpu, 3),
+                }, figures
+
+            # 1. Nothing watches: the figures.
+            cpu, figures = measured(seconds)
+            out["unit"] = unit
+            for what in ("user", "system", "cpu"):
+                out[f"{what}_per_{unit}"] = cpu[what]
+            out["load"] = figures
+            out["cpu_s"] = cpu["cpu_s"]
+            # 2. perf: which part of the process the CPU time is spent in.
+            if perf:
+                data = workdir / "perf.data"
+                window = max(2, min(seconds, 5))
+                pids = ",".join(str(p) for p in descendants(pid))
+                rec = subprocess.Popen(
+                    [perf, "record", "-q", "-F", "999", "-o", str(data), "-p", pids,
+                     "--", "sleep", str(window + 0.5)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                load(window)
+                _, err = rec.communicate(timeout=60)
+                report = subprocess.run(
+                    [perf, "report", "-i", str(data), "--stdio", "--no-children",
+                     "--sort", "dso"],
+                    capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                out["perf"] = perf_parts(report.stdout, cpu["cpu"])
+                if not out["perf"]:
+                    out["perf_error"] = (err + report.stderr)[-300:]
+            # 3. py-spy: which functions.
             raw = workdir / "pyspy.txt"
-            spy = None
             if py_spy:
                 spy = subprocess.Popen(
                     [py_spy, "record", "--native", "--subprocesses", "--rate", "250",
@@ -201,21 +293,8 @@ def profile(
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 time.sleep(0.5)  # py-spy attaches
-            c0, (u0, s0) = cpu_seconds(descendants(pid)), user_system(descendants(pid))
-            units, figures = load(seconds)
-            cpu = cpu_seconds(descendants(pid)) - c0
-            u1, s1 = user_system(descendants(pid))
-            unit = "gib" if spec.bulk else "tunnel"
-            # Per tunnel in microseconds, per GiB in seconds.
-            scale = 1 if spec.bulk else 1e6
-            places = 3 if spec.bulk else 1
-            out["unit"] = unit
-            out[f"user_per_{unit}"] = round(scale * (u1 - u0) / units, places)
-            out[f"system_per_{unit}"] = round(scale * (s1 - s0) / units, places)
-            out[f"cpu_per_{unit}"] = round(scale * cpu / units, places)
-            out["load"] = figures
-            out["cpu_s"] = round(cpu, 3)
-            if spy is not None:
+                sampled, _ = measured(seconds)
+                out[f"sampled_cpu_per_{unit}"] = sampled["cpu"]
                 spy.wait(timeout=60)
                 out["profile"] = top_functions(raw.read_text() if raw.exists() else "", top)
                 if spy.returncode:
@@ -256,7 +335,7 @@ def take(specs: tuple[Spec, ...], seconds: int, say: Callable[[str], None]) -> d
 
 def problems(profiles: dict[str, dict]) -> list[str]:
     """What ``--check`` fails on: a profile not taken, one whose load had errors or moved
-    nothing, or a HandyProxy one py-spy took no samples of."""
+    nothing, a HandyProxy one py-spy took no samples of, or one perf or strace saw nothing of."""
     out = []
     for label, prof in profiles.items():
         load = prof.get("load") or {}
@@ -266,6 +345,8 @@ def problems(profiles: dict[str, dict]) -> list[str]:
             out.append(f"profile {label}: load {load}")
         elif prof.get("tool") == "handyproxy" and not (prof.get("profile") or {}).get("samples"):
             out.append(f"profile {label}: py-spy took no samples ({prof.get('py_spy_error')})")
+        elif not prof.get("perf"):
+            out.append(f"profile {label}: perf sorted nothing ({prof.get('perf_error')})")
         elif not prof.get("strace"):
             out.append(f"profile {label}: strace counted nothing")
     return out
@@ -285,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-strace", action="store_true")
+    p.add_argument("--perf", default="perf", help="perf executable ('': no perf window)")
     p.add_argument("--tls", action="store_true", help="TLS tunnels (wrk over https, named)")
     p.add_argument("--bulk", action="store_true", help="one iperf3 stream each way, not wrk")
     p.add_argument("--source", type=Path, help="run the handyproxy package of this checkout")
@@ -307,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         strace=not args.no_strace,
         connections=args.connections,
         source=args.source,
+        perf=args.perf or None,
     )
     json.dump(out, sys.stdout, indent=2)
     print()

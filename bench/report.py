@@ -91,8 +91,8 @@ def run_profile(res: dict, tool: str, tls: bool = False, bulk: bool = False) -> 
 
 
 def split_reason(res: dict, tls: bool = False, bulk: bool = False) -> str:
-    """Why CPU per tunnel (per GiB) is what it is, from this run's profiles: user and system
-    time of HandyProxy against redsocks, and the system calls each made."""
+    """Why CPU per tunnel (per GiB) is what it is, from this run's profiles: where perf found
+    HandyProxy's time against redsocks', part by part, and the system calls each made."""
     mine, ref = run_profile(res, "handyproxy", tls, bulk), run_profile(res, "redsocks", tls, bulk)
     if not mine or not ref:
         return "no profile of this load in this run (see 'Where the CPU goes')"
@@ -101,27 +101,35 @@ def split_reason(res: dict, tls: bool = False, bulk: bool = False) -> str:
     def calls(prof: dict) -> str:
         return fmt(sum(r["per_tunnel"] for r in prof.get("strace") or []), 0 if bulk else 1)
 
-    u, sy = _per(mine, "user") or 0, _per(mine, "system") or 0
-    ru, rsy = _per(ref, "user") or 0, _per(ref, "system") or 0
+    def parts(prof: dict) -> str:
+        return ", ".join(
+            f"{r['part']} {fmt(r.get('per_unit'), digits)}{sfx}"
+            for r in prof.get("perf") or []
+            if r.get("pct", 0) >= 1
+        )
+
     named = " ".join(["HandyProxy", mine.get("flags") or ""]).strip()
+    kernel = ratio(_part(mine, "kernel"), _part(ref, "kernel"))
     text = (
-        f"this run's profile, per {unit}: {named} {fmt(u, digits)}{sfx} user + "
-        f"{fmt(sy, digits)}{sfx} system, redsocks {fmt(ru, digits)}{sfx} user + "
-        f"{fmt(rsy, digits)}{sfx} system; system calls {calls(mine)} vs {calls(ref)}. "
-    )
-    text += (
-        f"User time {ratio(u, ru)} redsocks', system time {ratio(sy, rsy)}; py-spy's sampling "
-        "pauses the HandyProxy process and adds to both (the figures above are unsampled). "
+        f"this run's profile, per {unit} (perf, over the unsampled CPU): {named} "
+        f"{fmt(_per(mine, 'cpu'), digits)}{sfx}: {parts(mine) or 'no perf samples'}; redsocks "
+        f"{fmt(_per(ref, 'cpu'), digits)}{sfx}: {parts(ref) or 'no perf samples'}; system calls "
+        f"{calls(mine)} vs {calls(ref)}. Kernel time {kernel} redsocks'. "
     )
     if bulk:
         return text + (
-            "Both move the bytes with splice(2); HandyProxy's user time is a Python callback "
-            "per wake-up"
+            "Both move the bytes with splice(2); HandyProxy's interpreter time is a Python "
+            "callback per wake-up"
         )
     return text + (
-        "The user time is the interpreter running the set-up, spread with no single hot spot "
-        "(see 'Where the CPU goes')"
+        "What HandyProxy spends beyond redsocks is the interpreter running the set-up, spread "
+        "with no single hot spot (see 'Where the CPU goes')"
     )
+
+
+def _part(prof: dict, name: str) -> float | None:
+    """One part's CPU per unit in a profile's perf split (None when perf saw none of it)."""
+    return next((r.get("per_unit") for r in prof.get("perf") or [] if r["part"] == name), None)
 
 
 def targets(res: dict) -> list[dict]:
@@ -708,12 +716,17 @@ def profile_section(profiles: dict, earlier: dict) -> str:
         "Taken by this run after the figures above, each on a fresh lab (`bench.profile`, the "
         "command is given with each): one forwarder under `wrk -c32 -H 'Connection: close'` "
         "(one tunnel per request; tinyproxy upstream) or one iperf3 stream up, then down "
-        "(squid upstream), sampled by `py-spy record --native` (Python and C frames, 250 Hz) "
-        "and, in a second window, counted by `strace -c -f`. CPU is utime + stime of the "
-        "forwarder's processes over the sampled window, split into user and system time. "
-        "*own* = samples whose innermost frame is that function; a libc entry (`splice`, "
-        "`send`, `connect`) is time in the kernel, including the loopback TCP work of the "
-        "namespaces that the call triggers.\n"
+        "(squid upstream), driven through four windows with one observer each, because every "
+        "observer costs the watched process something. (1) Nothing watches: the CPU figures, "
+        "utime + stime of the forwarder's processes split into user and system time. (2) "
+        "`perf record` (timer samples of every thread, kernel included; it never stops the "
+        "process): the share of the time in each part of the process, *per tunnel* (or per "
+        "GiB) = that share of window 1's CPU. (3) `py-spy record --native` (Python and C "
+        "frames, 250 Hz; HandyProxy only): the functions. *own* = samples whose innermost frame "
+        "is that function; a libc entry (`splice`, `send`, `connect`) is time in the kernel, "
+        "including the loopback TCP work of the namespaces that the call triggers. py-spy "
+        "pauses the process to read its stacks, so its window's CPU (given as *sampled*) is "
+        "not a figure. (4) `strace -c -f`: the system calls.\n"
     ]
     out += _profiles(profiles)
     if profiles:
@@ -751,11 +764,32 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
                 f"{fmt(_per(prof, 'system'), 0)} us system)"
             )
             unit = "tunnel"
+        sampled = prof.get(f"sampled_cpu_per_{prof.get('unit')}")
+        if sampled is not None:
+            what += f"; {fmt(sampled, 3 if unit == 'GiB' else 0)} while py-spy sampled"
         out.append(
             f"\n{level} {label}\n\n`{cmd}`: {what}"
             + (f". {prof['note']}" if prof.get("note") else "")
             + "\n\n"
         )
+        if prof.get("perf"):
+            digits = 3 if unit == "GiB" else 1
+            out.append(
+                table(
+                    [
+                        "part of the process (perf)",
+                        "share %",
+                        f"per {unit}" + (" s" if unit == "GiB" else " us"),
+                    ],
+                    [
+                        [r["part"], fmt(r["pct"], 1), fmt(r.get("per_unit"), digits)]
+                        for r in prof["perf"]
+                    ],
+                )
+                + "\n"
+            )
+        elif prof.get("perf_error"):
+            out.append(f"perf: {prof['perf_error']}\n\n")
         own = get(prof, "profile", "own") or []
         if own:
             out.append(

@@ -16,7 +16,7 @@ molecule=1
 [ "${1:-}" = "--no-molecule" ] && molecule=0
 
 apt_install iproute2 nftables conntrack iptables squid tinyproxy curl openssl socat procps util-linux \
-    ca-certificates docker.io debootstrap iperf3 wrk redsocks strace
+    ca-certificates docker.io debootstrap iperf3 wrk redsocks strace linux-perf
 make_venv "$REPO/requirements-dev.txt"
 export PATH="$VENV/bin:$PATH"
 

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 from typing import ClassVar
 
+from handyproxy import readiness
 from handyproxy.relay.base import Registration, RelayBase
 from handyproxy.sockets import (
     PEER_RESETS,
@@ -112,9 +113,9 @@ def available() -> str | None:
 class Direction:
     """One direction of a tunnel: ``src`` is read, ``dst`` is written.
 
-    Reads drain the source until it would block: after an error on a descriptor, uvloop (libuv)
-    reports it once and stops polling it, so one callback must take the socket all the way to
-    its error or EOF.
+    Reads drain the source until it would block, so one wake-up takes a socket all the way to
+    its error or EOF (and, with the loop's own registrations, libuv reported an error once and
+    stopped polling the descriptor; ``handyproxy.readiness`` keeps reporting it).
     """
 
     __slots__ = (
@@ -124,11 +125,11 @@ class Direction:
         "dst_sock",
         "eof",
         "gone",
-        "loop",
         "moved",
         "pending",
         "pipe",
         "reading",
+        "ready",
         "relay",
         "reverse",
         "shut",
@@ -147,7 +148,7 @@ class Direction:
         dst_name: str,
     ) -> None:
         self.relay = relay
-        self.loop = relay.loop
+        self.ready = relay.ready
         self.src_sock = src
         self.dst_sock = dst
         self.src = src.fileno()
@@ -168,12 +169,12 @@ class Direction:
     def start_reading(self) -> None:
         if not self.reading and not self.eof:
             self.reading = True
-            _watch(self.loop.add_reader, self.loop.remove_reader, self.src, self.on_readable)
+            self.ready.add_reader(self.src, self.on_readable)
 
     def stop_reading(self) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.src)
+            self.ready.remove_reader(self.src)
 
     def on_readable(self) -> None:
         while self.reading:
@@ -248,9 +249,7 @@ class Direction:
                 self.stop_reading()  # the destination is full: stop taking more
                 if not self.writing:
                     self.writing = True
-                    _watch(
-                        self.loop.add_writer, self.loop.remove_writer, self.dst, self.on_writable
-                    )
+                    self.ready.add_writer(self.dst, self.on_writable)
                 return False
             except OSError as exc:
                 self.relay.failed(self.dst_name, exc)
@@ -258,7 +257,7 @@ class Direction:
             self.pending -= n
         if self.writing:
             self.writing = False
-            self.loop.remove_writer(self.dst)
+            self.ready.remove_writer(self.dst)
         self.buf = None
         self.release_pipe()
         if self.eof:
@@ -292,7 +291,7 @@ class Direction:
         self.stop_reading()
         if self.writing:
             self.writing = False
-            self.loop.remove_writer(self.dst)
+            self.ready.remove_writer(self.dst)
         if self.pipe is not None:
             if self.pending:
                 self.relay.pool.discard(self.pipe)
@@ -302,24 +301,10 @@ class Direction:
         self.relay = self.reverse = None  # type: ignore[assignment]
 
 
-def _watch(
-    add: Callable[..., object],
-    remove: Callable[[int], object],
-    fd: int,
-    callback: Callable[[], None],
-) -> None:
-    """Register ``callback``; uvloop keeps a poll it closed after an error, so drop it first."""
-    try:
-        add(fd, callback)
-    except RuntimeError:
-        remove(fd)
-        add(fd, callback)
-
-
 class SpliceRelay(RelayBase):
     """Two splice directions over the raw client and upstream sockets."""
 
-    __slots__ = ("client", "down", "loop", "up", "upstream")
+    __slots__ = ("client", "down", "loop", "ready", "up", "upstream")
 
     #: The pipes of every splice tunnel of this process, and so its descriptor accounting: only
     #: this relay knows it holds descriptors beyond the tunnels' sockets.
@@ -328,6 +313,7 @@ class SpliceRelay(RelayBase):
     def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
         super().__init__(on_done, now)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.ready: readiness.Readiness = None  # type: ignore[assignment]
         self.client: socket.socket | None = None
         self.upstream: socket.socket | None = None
 
@@ -340,6 +326,7 @@ class SpliceRelay(RelayBase):
         client_registration: Registration | None = None,
     ) -> None:
         self.loop = loop
+        self.ready = readiness.of(loop)
         self.client = client
         self.upstream = upstream
         self.up = Direction(self, client, upstream, "client", "upstream")

@@ -1,6 +1,6 @@
 """Reaching an upstream: resolving it, connecting (Happy Eyeballs), and the CONNECT exchange.
 
-Everything here waits on one event-loop registration per socket (UpstreamPoll) and under one
+Everything here waits on one readiness registration per socket (UpstreamPoll) and under one
 Deadline per tunnel set-up, with no task of its own: the tunnel's set-up task awaits it all.
 A failure the upstream is to blame for raises ``Failure`` (its ``kind`` feeds the health
 counters); running out of descriptors is ours, and raises ``ConnectError`` directly.
@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 
-from handyproxy import connect
+from handyproxy import connect, readiness
 from handyproxy.connect import ConnectError
 from handyproxy.sockets import tune_socket
 
@@ -142,20 +142,20 @@ class Deadline:
 
 
 class UpstreamPoll:
-    """Readiness of the upstream socket during set-up, on one registration from connect to relay.
+    """Readiness of a socket during set-up, on one registration from connect to relay.
 
-    uvloop (libuv) builds a poll handle when a descriptor gets its first reader or writer and
-    tears it down when it loses its last, an ioctl and several epoll_ctl calls each time.
-    Switching from writer to reader in place, and leaving the reader registered until
-    ``hand_over()`` gives it to the relay, keeps a single handle for the socket's whole life.
+    The registration is with ``handyproxy.readiness`` (one epoll_ctl per change), switched from
+    writer to reader in place and left registered until ``hand_over()`` gives it to the relay:
+    the upstream socket (and a sniffed client socket) is registered once for its whole life.
 
     While a Happy Eyeballs race runs, ``watcher`` receives the wake-ups instead of a future.
     """
 
-    __slots__ = ("fd", "fut", "loop", "reading", "watcher", "writing")
+    __slots__ = ("fd", "fut", "loop", "reading", "ready", "watcher", "writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         self.loop = loop
+        self.ready = readiness.of(loop)
         self.fd = fd
         self.fut: asyncio.Future[None] | None = None
         self.reading = False
@@ -173,18 +173,18 @@ class UpstreamPoll:
 
     def want(self, write: bool) -> None:
         """Register for writability (a connect finishing) or readability (a reply arriving)."""
-        loop, fd = self.loop, self.fd
+        ready, fd = self.ready, self.fd
         if write and not self.writing:
-            loop.add_writer(fd, self.wake)
+            ready.add_writer(fd, self.wake)
             self.writing = True
             if self.reading:
-                loop.remove_reader(fd)
+                ready.remove_reader(fd)
                 self.reading = False
         elif not write and not self.reading:
-            loop.add_reader(fd, self.wake)  # before dropping the writer: the handle survives
+            ready.add_reader(fd, self.wake)
             self.reading = True
             if self.writing:
-                loop.remove_writer(fd)
+                ready.remove_writer(fd)
                 self.writing = False
 
     async def wait(self, write: bool, deadline: Deadline) -> None:
@@ -200,43 +200,37 @@ class UpstreamPoll:
     def hand_over(self, reader: Callable[[], None] | None) -> None:
         """Give the socket's registration to the relay: the one place that knows how.
 
-        A relay that polls the raw descriptor itself (splice) passes its reader: it replaces the
-        set-up's callback on the same libuv poll handle (added before the writer is dropped, so
-        the handle is never torn down and rebuilt: an ioctl and several epoll_ctl calls saved
-        per tunnel). A relay that wraps the socket in a transport (copy), or a caller that must
-        write on the socket first, passes None: a transport must find the descriptor
-        unregistered, and a parked reader would fire on every loop turn while the caller waits.
-        Either way this object no longer touches the descriptor: ``close()`` after it is a
-        no-op, and the relay owns the reader it passed.
+        A relay that polls the raw descriptor itself (splice, on the same
+        ``handyproxy.readiness``) passes its reader: it replaces the set-up's callback on the
+        same registration, and at most the writer's interest is dropped. A relay that wraps the
+        socket in a transport (copy), or a caller that must write on the socket with the loop's
+        help first, passes None: the descriptor leaves our epoll, because the loop's own
+        registration and ours must never both hold it (a parked reader would also fire on every
+        loop turn while the caller waits). Either way this object no longer touches the
+        descriptor: ``close()`` after it is a no-op, and the relay owns the reader it passed.
         """
-        loop, fd = self.loop, self.fd
         if reader is None:
             self.close()
             return
-        try:
-            loop.add_reader(fd, reader)
-        except RuntimeError:
-            # uvloop closed the poll handle after an error on the descriptor (a reset right
-            # after the reply): drop it and register afresh; the relay's read finds the error.
-            loop.remove_reader(fd)
-            loop.add_reader(fd, reader)
+        ready, fd = self.ready, self.fd
+        ready.add_reader(fd, reader)
         if self.writing:
-            loop.remove_writer(fd)
+            ready.remove_writer(fd)
         self.reading = self.writing = False
         self.watcher = None
 
     def close(self) -> None:
         """Drop the registration; always before the socket is closed."""
         if self.reading:
-            self.loop.remove_reader(self.fd)
+            self.ready.remove_reader(self.fd)
             self.reading = False
         if self.writing:
-            self.loop.remove_writer(self.fd)
+            self.ready.remove_writer(self.fd)
             self.writing = False
 
 
 def drop(sock: socket.socket | None, poll: UpstreamPoll | None) -> None:
-    """Unregister, then close (in that order: libuv must never poll a closed descriptor)."""
+    """Unregister, then close (in that order: no registration may outlive its descriptor)."""
     if poll is not None:
         poll.close()
     if sock is not None:

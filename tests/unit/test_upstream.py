@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from handyproxy import config
+from handyproxy import config, readiness
 from handyproxy.connect import ConnectError, basic_authorization
 from handyproxy.log import logger
 from handyproxy.upstream import Upstream, UpstreamSet, UpstreamSpec
@@ -548,9 +548,13 @@ def test_a_cancelled_dial_leaves_no_socket_open() -> None:
         with black_hole() as port:
             addrs = [(socket.AF_INET, ("127.0.0.1", port))] * 3
             deadline = updial.Deadline(loop, 10.0)
+            readiness.of(loop)  # the epoll every dial registers with, made on first use
             before = len(list_fds())
             task = loop.create_task(updial.connect_first(loop, addrs, deadline))
-            await asyncio.sleep(0.6)  # all three attempts are running
+            # All three attempts start within 2 x CONNECTION_ATTEMPT_DELAY.
+            until = loop.time() + 5
+            while len(list_fds()) < before + 3 and loop.time() < until:
+                await asyncio.sleep(0.01)
             assert len(list_fds()) == before + 3
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
