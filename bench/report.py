@@ -734,8 +734,8 @@ def profile_section(profiles: dict, earlier: dict) -> str:
     if earlier:
         out.append(
             "\n## Before and after: main at 8cf7475 against this checkout\n\n"
-            "Taken back to back after the run above (`bench.profile --source DIR`, each checkout's "
-            "own `handyproxy`), so the pair saw the same load.\n"
+            "Taken in turns on this machine before the run above (`bench.profile --source DIR`, "
+            "each checkout's own `handyproxy`; the note says how many and their spread).\n"
         )
         out += _profiles(earlier, level="###")
     return "".join(out)
@@ -766,7 +766,8 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
             unit = "tunnel"
         sampled = prof.get(f"sampled_cpu_per_{prof.get('unit')}")
         if sampled is not None:
-            what += f"; {fmt(sampled, 3 if unit == 'GiB' else 0)} while py-spy sampled"
+            digits, sfx = (3, " s") if unit == "GiB" else (0, " us")
+            what += f"; {fmt(sampled, digits)}{sfx} while py-spy sampled"
         out.append(
             f"\n{level} {label}\n\n`{cmd}`: {what}"
             + (f". {prof['note']}" if prof.get("note") else "")
@@ -830,53 +831,52 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
 PROFILE_READING = """
 ### What the profiles show, and what was tried
 
-- **Read the CPU split of a HandyProxy profile as an upper bound.** py-spy pauses the sampled
-  process 250 times a second, and that adds to its user and system time: the HTTP profile
-  above costs about twice the unsampled figure in the tunnels table. Unsampled
-  (`bench.profile --py-spy ''`, nine runs this session) a HandyProxy tunnel
-  took 107-154 us of system time, about redsocks' (its profile above; it is never sampled).
-- **Per tunnel, the gap is the interpreter.** HandyProxy and redsocks make the same ~45 system
-  calls per tunnel (accept, SO_ORIGINAL_DST, socket, connect, the CONNECT send and reply, splice
-  each way, shutdown, close, the event loop's epoll_ctl), and the loopback TCP work they trigger
-  in the namespaces is charged to whoever makes them. What HandyProxy spends beyond redsocks is
-  user time: CPython running the set-up (Tunnel.run,
-  UpstreamSet.open, connect_first, exchange, start_relay) and the relay's callbacks, spread over
-  a few hundred bytecode-level steps with no single hot spot (no Python function has more than
-  about 2 % of the samples on its own).
-- **Bulk: the kernel's share is below redsocks'; user time is what is left.** With 1 MiB pipes
-  a GiB takes a few thousand splice calls where redsocks' 64 KiB pipes take ~33,000 and as many
-  epoll_waits, so HandyProxy's system time per GiB is lower and its total CPU per GiB now meets
-  0.9x redsocks'; its user time (a Python callback per wake-up) stays above redsocks'.
-- **Cut, in this issue:** an ended tunnel was a reference cycle (tunnel, relay, its two
-  directions) freed only by the cyclic collector: about 150,000 objects collected per 16,000
-  tunnels, with passes of up to 11 ms stalling every tunnel of the worker; relays now let go
-  of the tunnel and their halves when they end (nothing left for the collector, longest pass
-  1.8 ms, at start-up) and the worker freezes its start-up objects (`gc.freeze()`). Pipes
-  grow in tiers (8 of 1 MiB, 32 of 256 KiB per process, the rest the kernel's 64 KiB, bounded
-  because the kernel charges pipe sizes to the user): 0.354 to about 0.30 s of CPU per GiB in
-  back-to-back profiles. Earlier: access records written once per event-loop turn and formatted
-  faster; the CONNECT request's constant end cached; sniffing parses each byte once (8 KiB one
-  byte per read: 1.22 s of parsing before, 0.004 s now) on one reader registration and one timer,
-  and that reader and the upstream's are handed to the relay instead of being torn down and
-  rebuilt (each uvloop poll handle costs 7 epoll_ctl and an ioctl over its life); the sniffed
-  first flight is sent at once when the fresh socket takes it.
+- **Per tunnel, the gap is the interpreter; the kernel's work is the same.** perf splits each
+  profile's unsampled CPU by where it ran: HandyProxy's kernel time per tunnel is of the order
+  of redsocks' (the same TCP work: accept, SO_ORIGINAL_DST, socket, connect, the CONNECT send
+  and reply, splice each way, shutdown, close, and the loopback TCP processing of the
+  namespaces that those calls trigger and that is charged to whoever makes them), and what it
+  spends beyond redsocks is the Python interpreter running the set-up (Tunnel.run,
+  UpstreamSet.open, connect_first, exchange, start_relay) and the relay's callbacks. That work
+  is a few hundred bytecode-level steps with no single hot spot: no Python function has more
+  than about 2 % of py-spy's samples on its own. redsocks' user space (libevent, libc, its own
+  code) is a small fraction of the interpreter's share.
+- **Cut, in this issue:** the tunnels' sockets moved from the event loop's registrations to one
+  epoll of our own (`handyproxy.readiness`), itself a single reader of the loop: libuv built a
+  poll handle per socket (epoll_ctl ADD and DEL and an ioctl to check it, a DEL and re-ADD on
+  every change, DELs when dropped); now each change is one epoll_ctl, system calls per HTTP
+  tunnel went from about 45.5 to 33.5, the event loop's share from about 12 to 5 us per tunnel,
+  and, with the splice relay's reads going back to the loop after a short read (level-triggered
+  readiness wakes them again; libuv reported an error once, so reads had to go on to EAGAIN),
+  CPU per tunnel fell about 7 % in runs taken in turns (222 to 206 us, mean of four each). An
+  ended tunnel was a reference cycle (tunnel, relay, its two directions) freed only by the
+  cyclic collector: about 150,000 objects collected per 16,000 tunnels, with passes of up to
+  11 ms stalling every tunnel of the worker; relays now let go of the tunnel and their halves
+  when they end (nothing left for the collector) and the worker freezes its start-up objects
+  (`gc.freeze()`). Pipes grow in tiers (8 of 1 MiB, 32 of 256 KiB per process, the rest the
+  kernel's 64 KiB, bounded because the kernel charges pipe sizes to the user): 0.354 to about
+  0.30 s of CPU per GiB. Earlier: access records written once per event-loop turn and
+  formatted faster; the CONNECT request's constant end cached; sniffing parses each byte once
+  (8 KiB one byte per read: 1.22 s of parsing before, 0.004 s now) on one registration and one
+  timer, handed to the relay with the upstream's; the sniffed first flight sent at once.
 - **Tried and dropped:** accepting with `_accept()` and a plain `socket(fd)` (no measurable
-  change); driving the set-up coroutine from future callbacks without a Task (within the noise);
-  stopping the splice loop after a short read instead of at EAGAIN (one splice less per chunk,
-  but uvloop reports an error on a descriptor once, so a reset arriving with the last bytes
-  could be missed: correctness wins).
-- **A measuring error found and fixed:** `bench.profile --source DIR` was meant to run another
-  checkout, but the forwarder ran with the repository as its working directory, which
-  `python -m` puts first on sys.path, so "before" profiles ran the current code. The forwarder
-  now starts with `python -P`; the earlier profiles below were taken again with the fix.
-- **What parity per tunnel would take:** the remaining user time is per-tunnel Python object
-  work (coroutine frames, futures, timer handles, the relay's objects, uvloop's poll handles)
-  and one Python call per chunk per direction. An edge-triggered epoll of our own would save
-  part of it (one epoll_ctl per descriptor instead of uvloop's seven, no poll-handle objects),
-  not the factor redsocks' C has: meeting redsocks' CPU per tunnel needs the per-tunnel path out
-  of the interpreter. Latency: redsocks and HandyProxy add a tail of the same order in each run;
-  at 5,000 req/s on 2 cores shared by client, forwarder, upstream and origin the p99 is waiting
-  for a core, as the direct path's own p99 shows.
+  change); driving the set-up coroutine from future callbacks without a Task (within the
+  noise); a 64 KiB short-read bound (a bulk stream took 10 % more system calls per GiB than
+  with reads going on to EAGAIN: the bound is 16 KiB, above a request, a reply or a TLS record).
+- **Measuring errors found and fixed:** py-spy pauses the process it samples, and profiles
+  used to take their CPU figures from the sampled window (about twice the real cost for an
+  HTTP tunnel); each profile now measures a window nothing watches, and py-spy's is shown as
+  *sampled*. `bench.profile --source DIR` ran the current code (the repository, the working
+  directory, is first on `python -m`'s sys.path); the forwarder starts with `python -P`.
+- **What parity per tunnel would take:** the per-tunnel path out of the interpreter. What is
+  left in it is object work (coroutine frames, futures, timer handles, the relay's objects)
+  and a Python call per wake-up per direction; even at no interpreter cost at all HandyProxy
+  would spend about what redsocks does in the kernel. Bulk: both move bytes with splice(2);
+  1 MiB pipes take a few thousand splice calls per GiB where redsocks' 64 KiB ones take about
+  33,000, which is why HandyProxy's CPU per GiB is lower. Latency: redsocks and HandyProxy add
+  a tail of the same order in each run; at 5,000 req/s on 2 cores shared by client,
+  forwarder, upstream and origin the p99 is waiting for a core, as the direct path's own p99
+  shows.
 """
 
 

@@ -87,6 +87,17 @@ class Readiness:
         self._set(fd, self.masks.get(fd, 0) & ~_OUT)
         return True
 
+    def watch(
+        self, fd: int, reader: Callable[[], object] | None, writer: Callable[[], object] | None
+    ) -> None:
+        """Make ``fd``'s reader and writer these two (None: none) in one change of interest."""
+        for table, callback in ((self.readers, reader), (self.writers, writer)):
+            if callback is None:
+                table.pop(fd, None)
+            else:
+                table[fd] = callback
+        self._set(fd, (_IN if reader is not None else 0) | (_OUT if writer is not None else 0))
+
     def _set(self, fd: int, mask: int) -> None:
         """Make the epoll's interest in ``fd`` ``mask``: one epoll_ctl, none when unchanged."""
         masks = self.masks

@@ -173,19 +173,9 @@ class UpstreamPoll:
 
     def want(self, write: bool) -> None:
         """Register for writability (a connect finishing) or readability (a reply arriving)."""
-        ready, fd = self.ready, self.fd
-        if write and not self.writing:
-            ready.add_writer(fd, self.wake)
-            self.writing = True
-            if self.reading:
-                ready.remove_reader(fd)
-                self.reading = False
-        elif not write and not self.reading:
-            ready.add_reader(fd, self.wake)
-            self.reading = True
-            if self.writing:
-                ready.remove_writer(fd)
-                self.writing = False
+        if write != self.writing or write == self.reading:
+            self.ready.watch(self.fd, None if write else self.wake, self.wake if write else None)
+            self.writing, self.reading = write, not write
 
     async def wait(self, write: bool, deadline: Deadline) -> None:
         """Until the socket is writable or readable; raises Expired at the deadline."""
@@ -212,10 +202,7 @@ class UpstreamPoll:
         if reader is None:
             self.close()
             return
-        ready, fd = self.ready, self.fd
-        ready.add_reader(fd, reader)
-        if self.writing:
-            ready.remove_writer(fd)
+        self.ready.watch(self.fd, reader, None)
         self.reading = self.writing = False
         self.watcher = None
 
