@@ -207,9 +207,10 @@ def test_the_relay_takes_over_the_client_reader_sniffing_left(
 def test_an_upstream_reset_before_the_hand_over_ends_the_tunnel_as_upstream_reset(
     name: str,
 ) -> None:
-    """The origin resets while the set-up's reader is parked: uvloop reports the error once
-    and closes that poll handle, so the hand-over must register afresh, and the relay's first
-    read finds the reset (the bug this guards against aborted the worker)."""
+    """The origin resets while the set-up's reader is parked: the hand-over must leave the
+    relay a registration that still wakes it, and its first read finds the reset (with the
+    loop's own registrations uvloop reported the error once and closed the poll handle; the
+    bug this guards against aborted the worker)."""
     client_app, client_ours = tcp_pair()
     origin, upstream_ours = tcp_pair()
     socks = (client_app, client_ours, origin, upstream_ours)
@@ -223,7 +224,7 @@ def test_an_upstream_reset_before_the_hand_over_ends_the_tunnel_as_upstream_rese
         origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         origin.close()  # RST
         await until(lambda: bool(woken), "the parked reader saw the reset")
-        await asyncio.sleep(0)  # one more turn: uvloop has closed the handle by now
+        await asyncio.sleep(0)  # one more turn with the error pending
         finished: asyncio.Future[RelayBase] = loop.create_future()
         relay = load(name)(finished.set_result, loop.time())
         await relay.start(loop, client_ours, upstream_ours, poll)
