@@ -233,10 +233,11 @@ def targets(res: dict) -> list[dict]:
             f"{fmt(lat.get('paired_p99_us'), 0)} us)",
             None if noisy else lat_best[1] < 1000,
             f"redsocks (C) adds {fmt(added(rs.get('latency'), base, 'p99_us'), 0)} us at p99 "
-            "in the same run: the added tail is one more process hop waiting for one of the 2 "
-            "shared cores (client, forwarder, upstream and origin all busy at 5,000 req/s) "
-            "rather than the forwarder's own work; the direct path alone has p99 "
-            f"{fmt(get(direct, 'latency', 'p99_us'), 0)} us",
+            f"and pproxy {fmt(added(pp.get('latency'), base, 'p99_us'), 0)} us in the same "
+            "run: every forwarder is one more process on the path that must get one of the 2 "
+            "shared cores while client, upstream and origin are busy at 5,000 req/s (the "
+            "direct path, with no such process, has p99 "
+            f"{fmt(get(direct, 'latency', 'p99_us'), 0)} us)",
         )
     for name, t in tools.items():
         if t.get("family", 4) != 6 or "error" in t:
@@ -831,16 +832,16 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
 PROFILE_READING = """
 ### What the profiles show, and what was tried
 
-- **Per tunnel, the gap is the interpreter; the kernel's work is the same.** perf splits each
-  profile's unsampled CPU by where it ran: HandyProxy's kernel time per tunnel is of the order
-  of redsocks' (the same TCP work: accept, SO_ORIGINAL_DST, socket, connect, the CONNECT send
-  and reply, splice each way, shutdown, close, and the loopback TCP processing of the
-  namespaces that those calls trigger and that is charged to whoever makes them), and what it
-  spends beyond redsocks is the Python interpreter running the set-up (Tunnel.run,
-  UpstreamSet.open, connect_first, exchange, start_relay) and the relay's callbacks. That work
-  is a few hundred bytecode-level steps with no single hot spot: no Python function has more
-  than about 2 % of py-spy's samples on its own. redsocks' user space (libevent, libc, its own
-  code) is a small fraction of the interpreter's share.
+- **Per tunnel, the gap is the interpreter; the kernel's work is no more than redsocks'.** perf
+  splits each profile's unsampled CPU by where it ran (the targets above quote this run's
+  split): HandyProxy's kernel time per tunnel is at most redsocks' (the same TCP work: accept,
+  SO_ORIGINAL_DST, socket, connect, the CONNECT send and reply, splice each way, shutdown,
+  close, and the loopback TCP processing of the namespaces that those calls trigger and that is
+  charged to whoever makes them), and what it spends beyond redsocks is the Python interpreter
+  running the set-up (Tunnel.run, UpstreamSet.open, connect_first, exchange, start_relay) and
+  the relay's callbacks. That work is a few hundred bytecode-level steps with no single hot
+  spot: no Python function has more than about 2 % of py-spy's samples on its own. redsocks'
+  user space (libevent, libc, its own code) is a small fraction of the interpreter's share.
 - **Cut, in this issue:** the tunnels' sockets moved from the event loop's registrations to one
   epoll of our own (`handyproxy.readiness`), itself a single reader of the loop: libuv built a
   poll handle per socket (epoll_ctl ADD and DEL and an ioctl to check it, a DEL and re-ADD on
@@ -850,33 +851,33 @@ PROFILE_READING = """
   readiness wakes them again; libuv reported an error once, so reads had to go on to EAGAIN),
   CPU per tunnel fell about 7 % in runs taken in turns (222 to 206 us, mean of four each). An
   ended tunnel was a reference cycle (tunnel, relay, its two directions) freed only by the
-  cyclic collector: about 150,000 objects collected per 16,000 tunnels, with passes of up to
-  11 ms stalling every tunnel of the worker; relays now let go of the tunnel and their halves
-  when they end (nothing left for the collector) and the worker freezes its start-up objects
+  cyclic collector: about 150,000 objects collected per 16,000 tunnels, with passes of up to 11
+  ms stalling every tunnel of the worker; relays now let go of the tunnel and their halves when
+  they end (nothing left for the collector) and the worker freezes its start-up objects
   (`gc.freeze()`). Pipes grow in tiers (8 of 1 MiB, 32 of 256 KiB per process, the rest the
   kernel's 64 KiB, bounded because the kernel charges pipe sizes to the user): 0.354 to about
-  0.30 s of CPU per GiB. Earlier: access records written once per event-loop turn and
-  formatted faster; the CONNECT request's constant end cached; sniffing parses each byte once
-  (8 KiB one byte per read: 1.22 s of parsing before, 0.004 s now) on one registration and one
-  timer, handed to the relay with the upstream's; the sniffed first flight sent at once.
+  0.30 s of CPU per GiB. Earlier: access records written once per event-loop turn and formatted
+  faster; the CONNECT request's constant end cached; sniffing parses each byte once (8 KiB one
+  byte per read: 1.22 s of parsing before, 0.004 s now) on one registration and one timer,
+  handed to the relay with the upstream's; the sniffed first flight sent at once.
 - **Tried and dropped:** accepting with `_accept()` and a plain `socket(fd)` (no measurable
-  change); driving the set-up coroutine from future callbacks without a Task (within the
-  noise); a 64 KiB short-read bound (a bulk stream took 10 % more system calls per GiB than
-  with reads going on to EAGAIN: the bound is 16 KiB, above a request, a reply or a TLS record).
-- **Measuring errors found and fixed:** py-spy pauses the process it samples, and profiles
-  used to take their CPU figures from the sampled window (about twice the real cost for an
-  HTTP tunnel); each profile now measures a window nothing watches, and py-spy's is shown as
+  change); driving the set-up coroutine from future callbacks without a Task (within the noise);
+  a 64 KiB short-read bound (a bulk stream took 10 % more system calls per GiB than with reads
+  going on to EAGAIN: the bound is 16 KiB, above a request, a reply or a TLS record).
+- **Measuring errors found and fixed:** py-spy pauses the process it samples, and profiles used
+  to take their CPU figures from the sampled window (about twice the real cost for an HTTP
+  tunnel); each profile now measures a window nothing watches, and py-spy's is shown as
   *sampled*. `bench.profile --source DIR` ran the current code (the repository, the working
   directory, is first on `python -m`'s sys.path); the forwarder starts with `python -P`.
 - **What parity per tunnel would take:** the per-tunnel path out of the interpreter. What is
-  left in it is object work (coroutine frames, futures, timer handles, the relay's objects)
-  and a Python call per wake-up per direction; even at no interpreter cost at all HandyProxy
-  would spend about what redsocks does in the kernel. Bulk: both move bytes with splice(2);
-  1 MiB pipes take a few thousand splice calls per GiB where redsocks' 64 KiB ones take about
-  33,000, which is why HandyProxy's CPU per GiB is lower. Latency: redsocks and HandyProxy add
-  a tail of the same order in each run; at 5,000 req/s on 2 cores shared by client,
-  forwarder, upstream and origin the p99 is waiting for a core, as the direct path's own p99
-  shows.
+  left in it is object work (coroutine frames, futures, timer handles, the relay's objects) and
+  a Python call per wake-up per direction; everything else HandyProxy spends per tunnel (kernel,
+  libc, event loop) already comes to less than redsocks' whole cost. Bulk: both move bytes with
+  splice(2); 1 MiB pipes take a few thousand splice calls per GiB where redsocks' 64 KiB ones
+  take about 33,000, which is why HandyProxy's kernel time per GiB is lower. Latency: redsocks
+  and HandyProxy add a tail of the same order in each run; at 5,000 req/s on 2 cores shared by
+  client, forwarder, upstream and origin the p99 is waiting for a core, as the direct path's own
+  p99 shows.
 """
 
 
