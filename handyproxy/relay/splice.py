@@ -119,9 +119,9 @@ class Direction:
     """One direction of a tunnel: ``src`` is read, ``dst`` is written.
 
     After a short read (``SHORT_READ``) the direction returns to the loop instead of asking
-    again for an EAGAIN, since ``handyproxy.readiness``
-    is level-triggered and wakes it again for more bytes, a FIN or an error (libuv, polling
-    for the loop itself, reported an error only once, so reads had to go on until EAGAIN).
+    again for an EAGAIN, since ``handyproxy.readiness`` is level-triggered and wakes it again
+    for more bytes, a FIN or an error (libuv, polling for the loop itself, reported an error
+    only once, so reads had to go on until EAGAIN).
     """
 
     __slots__ = (
@@ -310,7 +310,7 @@ class Direction:
 class SpliceRelay(RelayBase):
     """Two splice directions over the raw client and upstream sockets."""
 
-    __slots__ = ("client", "down", "loop", "ready", "up", "upstream")
+    __slots__ = ("client", "down", "ready", "up", "upstream")
 
     #: The pipes of every splice tunnel of this process, and so its descriptor accounting: only
     #: this relay knows it holds descriptors beyond the tunnels' sockets.
@@ -318,7 +318,6 @@ class SpliceRelay(RelayBase):
 
     def __init__(self, on_done: Callable[[RelayBase], None], now: float) -> None:
         super().__init__(on_done, now)
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.ready: readiness.Readiness = None  # type: ignore[assignment]
         self.client: socket.socket | None = None
         self.upstream: socket.socket | None = None
@@ -331,7 +330,6 @@ class SpliceRelay(RelayBase):
         registration: Registration | None,
         client_registration: Registration | None = None,
     ) -> None:
-        self.loop = loop
         self.ready = readiness.of(loop)
         self.client = client
         self.upstream = upstream

@@ -9,21 +9,13 @@ import socket
 
 import pytest
 import uvloop
+from kit.waiting import until
 
 from handyproxy import readiness
 
 
 def run(main) -> None:  # type: ignore[no-untyped-def]
     uvloop.run(main())
-
-
-async def until(cond, seconds: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    """Let the loop turn until ``cond()`` holds; fails the test at the end of ``seconds``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0)
 
 
 def test_one_epoll_per_loop_made_on_first_use() -> None:

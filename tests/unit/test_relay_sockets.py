@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import pytest
 import uvloop
+from kit.waiting import until
 
 from handyproxy.relay import RELAYS, load
 from handyproxy.relay.base import RelayBase
@@ -42,15 +43,6 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 def run(main: Callable[[], Awaitable[T]]) -> T:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main())
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition`` once per loop turn (a kernel state has no event to wait on)."""
-    for _ in range(100_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{what}: never true")
 
 
 def test_a_client_reset_after_its_half_close_ends_the_splice_tunnel_as_client_reset() -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+from kit.waiting import until
 
 from handyproxy import config, readiness
 from handyproxy.connect import ConnectError, basic_authorization
@@ -168,13 +169,6 @@ def close(opened: object) -> None:
     opened.sock.close()  # type: ignore[attr-defined]
     if opened.upstream is not None:  # type: ignore[attr-defined]
         opened.upstream.tunnels_open -= 1  # type: ignore[attr-defined]  # as Tunnel.release
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def by_name(ups: UpstreamSet, name: str) -> Upstream:
@@ -552,9 +546,7 @@ def test_a_cancelled_dial_leaves_no_socket_open() -> None:
             before = len(list_fds())
             task = loop.create_task(updial.connect_first(loop, addrs, deadline))
             # All three attempts start within 2 x CONNECTION_ATTEMPT_DELAY.
-            until = loop.time() + 5
-            while len(list_fds()) < before + 3 and loop.time() < until:
-                await asyncio.sleep(0.01)
+            await until(lambda: len(list_fds()) >= before + 3, "three attempts")
             assert len(list_fds()) == before + 3
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
