@@ -757,18 +757,17 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
                 f"GiB ({fmt(_per(prof, 'user'), 3)} s user, {fmt(_per(prof, 'system'), 3)} s "
                 "system)"
             )
-            unit = "GiB"
+            unit, sfx = "GiB", " s"
         else:
             what = (
                 f"{fmt(load.get('rps'), 0)} tunnels/s, {fmt(_per(prof, 'cpu'), 0)} us of "
                 f"forwarder CPU per tunnel ({fmt(_per(prof, 'user'), 0)} us user, "
                 f"{fmt(_per(prof, 'system'), 0)} us system)"
             )
-            unit = "tunnel"
+            unit, sfx = "tunnel", " us"
         sampled = prof.get(f"sampled_cpu_per_{prof.get('unit')}")
         if sampled is not None:
-            digits, sfx = (3, " s") if unit == "GiB" else (0, " us")
-            what += f"; {fmt(sampled, digits)}{sfx} while py-spy sampled"
+            what += f"; {fmt(sampled, 3 if unit == 'GiB' else 0)}{sfx} while py-spy sampled"
         out.append(
             f"\n{level} {label}\n\n`{cmd}`: {what}"
             + (f". {prof['note']}" if prof.get("note") else "")
@@ -781,7 +780,7 @@ def _profiles(profiles: dict, level: str = "###") -> list[str]:
                     [
                         "part of the process (perf)",
                         "share %",
-                        f"per {unit}" + (" s" if unit == "GiB" else " us"),
+                        f"per {unit}{sfx}",
                     ],
                     [
                         [r["part"], fmt(r["pct"], 1), fmt(r.get("per_unit"), digits)]
